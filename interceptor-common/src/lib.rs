@@ -1,0 +1,81 @@
+//! Types shared by the eBPF programs and user space. Every type here crosses the
+//! kernel boundary through a map, so each is `#[repr(C)]` with explicit padding.
+#![no_std]
+
+/// Where a sandboxed socket asked to go, recorded by the connect/sendmsg hooks.
+///
+/// `addr` is IPv6; an IPv4 destination is stored IPv4-mapped (`::ffff:a.b.c.d`),
+/// with `family` telling which kind of socket dialled it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDestination {
+    /// Network byte order.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6` of the dialling socket.
+    pub family: u16,
+    /// Thread-group id (the process id) of the process that connected.
+    pub pid: u32,
+    /// cgroup v2 id (the inode of the cgroup directory) of that process.
+    pub cgroup_id: u64,
+}
+
+/// The sandbox end of a redirected TCP connection, as the relay sees its peer.
+/// Keys the hand-off map from the sock_ops program to the relay.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientSocket {
+    /// Network byte order, IPv4 mapped into IPv6 like [`OriginalDestination::addr`].
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u32,
+}
+
+/// Where the hooks send what they redirect. Filled by the daemon at start;
+/// while `ready` is 0 every sandboxed connect is refused (fail closed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// Network byte order.
+    pub relay_ip4: [u8; 4],
+    /// Network byte order.
+    pub dns_ip4: [u8; 4],
+    /// Network byte order.
+    pub relay_ip6: [u8; 16],
+    /// Network byte order.
+    pub dns_ip6: [u8; 16],
+    /// Host byte order.
+    pub relay_port: u16,
+    /// Host byte order.
+    pub dns_port: u16,
+    pub ready: u32,
+}
+
+/// Names of the maps in the eBPF object, used by user space to find them.
+pub mod maps {
+    /// `LruHashMap<u64 socket cookie, OriginalDestination>`.
+    pub const SOCKET_DESTINATIONS: &str = "SOCKET_DESTINATIONS";
+    /// `LruHashMap<ClientSocket, OriginalDestination>`: sock_ops → relay hand-off.
+    pub const RELAY_HANDOFF: &str = "RELAY_HANDOFF";
+    /// `Array<RedirectConfig>` with one entry.
+    pub const REDIRECT_CONFIG: &str = "REDIRECT_CONFIG";
+}
+
+/// Map sizes: bounded so a sandbox cannot exhaust kernel memory.
+pub const MAX_TRACKED_SOCKETS: u32 = 65536;
+
+/// Prefix of every program name, so a restarted daemon can recognise (and
+/// atomically replace) the programs a previous instance left attached.
+pub const PROGRAM_PREFIX: &str = "icpt_";
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, repr(C), no implicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::OriginalDestination {}
+    unsafe impl aya::Pod for super::ClientSocket {}
+    unsafe impl aya::Pod for super::RedirectConfig {}
+}
