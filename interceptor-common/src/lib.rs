@@ -79,3 +79,44 @@ mod pod {
     unsafe impl aya::Pod for super::ClientSocket {}
     unsafe impl aya::Pod for super::RedirectConfig {}
 }
+
+/// `a.b.c.d` as `::ffff:a.b.c.d` octets, the form every address takes in the maps.
+pub const fn ipv6_octets(ip: core::net::IpAddr) -> [u8; 16] {
+    match ip {
+        core::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+impl OriginalDestination {
+    /// The address the sandbox dialled, as its socket saw it: an `AF_INET`
+    /// socket's destination is IPv4; an `AF_INET6` socket's stays IPv6 (an
+    /// IPv4-mapped one included; see [`Self::canonical_ip`] for the IPv4 inside).
+    pub fn ip(&self) -> core::net::IpAddr {
+        let v6 = core::net::Ipv6Addr::from(self.addr);
+        match (self.family, v6.to_ipv4_mapped()) {
+            (AF_INET, Some(v4)) => core::net::IpAddr::V4(v4),
+            _ => core::net::IpAddr::V6(v6),
+        }
+    }
+
+    /// Like [`Self::ip`], with an IPv4-mapped IPv6 address given as the IPv4 inside.
+    pub fn canonical_ip(&self) -> core::net::IpAddr {
+        self.ip().to_canonical()
+    }
+
+    /// [`Self::ip`] with the port: what `getpeername()` shows inside the sandbox.
+    pub fn socket_addr(&self) -> core::net::SocketAddr {
+        core::net::SocketAddr::new(self.ip(), self.port)
+    }
+}
+
+impl ClientSocket {
+    /// The hand-off key for a relay peer, IPv4 or IPv6 (IPv4-mapped included).
+    pub fn from_socket_addr(peer: core::net::SocketAddr) -> Self {
+        Self {
+            addr: ipv6_octets(peer.ip()),
+            port: u32::from(peer.port()),
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The interceptor's cgroup eBPF programs.
+//!
+//! Attached to the root of the interceptor's cgroup subtree (and so inherited by
+//! every cgroup below it), they redirect every outbound TCP connection to the
+//! relay and every DNS datagram to the DNS listener, refuse any other UDP and
+//! any other kind of inet socket, and record where each socket really wanted to
+//! go so that the relay (and `getpeername()` inside the sandbox) can see it.
+//!
+//! Every program is named `icpt_*` (at most 15 characters, the kernel's limit)
+//! so that a restarted daemon can recognise what its predecessor attached.
+//!
+//! Return values: for connect/sendmsg/sock_create, `1` allows and `0` refuses
+//! (the caller gets `EPERM`); recvmsg/getpeername/sock_release/sock_ops must
+//! return `1`.
+#![no_std]
+#![no_main]
+
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
+};
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, LruHashMap},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
+    EbpfContext,
+};
+use interceptor_common::{
+    ClientSocket, OriginalDestination, RedirectConfig, AF_INET, AF_INET6, MAX_TRACKED_SOCKETS,
+};
+
+/// Socket cookie → where that socket asked to go.
+#[map]
+static SOCKET_DESTINATIONS: LruHashMap<u64, OriginalDestination> =
+    LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+
+/// The sandbox end of an established redirected TCP connection → where it
+/// asked to go. Filled by `icpt_sockops`, taken (looked up and deleted) by the relay.
+#[map]
+static RELAY_HANDOFF: LruHashMap<ClientSocket, OriginalDestination> =
+    LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+
+/// One entry, written by the daemon. `ready == 0` refuses everything.
+#[map]
+static REDIRECT_CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const DNS_PORT: u16 = 53;
+
+/// Where a connect or sendmsg goes after the hook.
+enum Route {
+    Relay,
+    Dns,
+    Refuse,
+}
+
+/// The redirect configuration, if the daemon has marked it ready.
+#[inline(always)]
+fn config() -> Option<&'static RedirectConfig> {
+    let cfg = REDIRECT_CONFIG.get(0)?;
+    // SAFETY: `cfg` points into the array map's value.
+    if unsafe { read_volatile(addr_of!(cfg.ready)) } == 0 {
+        None
+    } else {
+        Some(cfg)
+    }
+}
+
+/// Decides what happens to a connect (`sendmsg == false`) or an unconnected
+/// sendmsg (`sendmsg == true`) of a socket of this type and protocol to `port`.
+#[inline(always)]
+fn route(sock_type: u32, protocol: u32, port: u16, sendmsg: bool) -> Route {
+    if sock_type == SOCK_STREAM && protocol == IPPROTO_TCP && !sendmsg {
+        Route::Relay
+    } else if sock_type == SOCK_DGRAM && protocol == IPPROTO_UDP && port == DNS_PORT {
+        Route::Dns
+    } else {
+        Route::Refuse
+    }
+}
+
+/// 4-byte context reads and writes: the verifier rejects other access sizes
+/// on most `bpf_sock_addr` / `bpf_sock_ops` / `bpf_sock` fields.
+#[inline(always)]
+fn rd(field: *const u32) -> u32 {
+    // SAFETY: `field` points into the program's context.
+    unsafe { read_volatile(field) }
+}
+
+#[inline(always)]
+fn wr(field: *mut u32, value: u32) {
+    // SAFETY: `field` points into the program's (writable) context.
+    unsafe { write_volatile(field, value) }
+}
+
+/// `::ffff:a.b.c.d` for an IPv4 address read from the context (network order).
+#[inline(always)]
+fn mapped(ip4: u32) -> [u8; 16] {
+    let b = ip4.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}
+
+#[inline(always)]
+fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let a = words[0].to_ne_bytes();
+    let b = words[1].to_ne_bytes();
+    let c = words[2].to_ne_bytes();
+    let d = words[3].to_ne_bytes();
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+#[inline(always)]
+fn ip6_words(addr: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ]
+}
+
+#[inline(always)]
+fn is_mapped(addr: &[u8; 16]) -> bool {
+    addr[0] == 0
+        && addr[1] == 0
+        && addr[2] == 0
+        && addr[3] == 0
+        && addr[4] == 0
+        && addr[5] == 0
+        && addr[6] == 0
+        && addr[7] == 0
+        && addr[8] == 0
+        && addr[9] == 0
+        && addr[10] == 0xff
+        && addr[11] == 0xff
+}
+
+#[inline(always)]
+fn read_user_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: `sa` is the program's context.
+    unsafe {
+        [
+            rd(addr_of!((*sa).user_ip6[0])),
+            rd(addr_of!((*sa).user_ip6[1])),
+            rd(addr_of!((*sa).user_ip6[2])),
+            rd(addr_of!((*sa).user_ip6[3])),
+        ]
+    }
+}
+
+#[inline(always)]
+fn write_user_ip6(sa: *mut bpf_sock_addr, words: [u32; 4]) {
+    // SAFETY: `sa` is the program's context.
+    unsafe {
+        wr(addr_of_mut!((*sa).user_ip6[0]), words[0]);
+        wr(addr_of_mut!((*sa).user_ip6[1]), words[1]);
+        wr(addr_of_mut!((*sa).user_ip6[2]), words[2]);
+        wr(addr_of_mut!((*sa).user_ip6[3]), words[3]);
+    }
+}
+
+/// The destination port of a `bpf_sock_addr` (stored in network order), in host order.
+#[inline(always)]
+fn read_user_port(sa: *mut bpf_sock_addr) -> u16 {
+    // SAFETY: `sa` is the program's context.
+    u16::from_be(unsafe { rd(addr_of!((*sa).user_port)) } as u16)
+}
+
+#[inline(always)]
+fn write_user_port(sa: *mut bpf_sock_addr, port: u16) {
+    // SAFETY: `sa` is the program's context.
+    unsafe { wr(addr_of_mut!((*sa).user_port), port.to_be() as u32) }
+}
+
+#[inline(always)]
+fn sock_type_protocol(sa: *mut bpf_sock_addr) -> (u32, u32) {
+    // SAFETY: `sa` is the program's context.
+    unsafe { (rd(addr_of!((*sa).type_)), rd(addr_of!((*sa).protocol))) }
+}
+
+/// Records `addr:port` as the original destination of the context's socket.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16, family: u16) -> Result<(), i64> {
+    // SAFETY: plain helper calls valid in cgroup sock_addr programs.
+    let (cookie, pid_tgid, cgroup_id) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_cgroup_id(),
+        )
+    };
+    let dst = OriginalDestination {
+        addr,
+        port,
+        family,
+        pid: (pid_tgid >> 32) as u32,
+        cgroup_id,
+    };
+    SOCKET_DESTINATIONS.insert(&cookie, &dst, 0)
+}
+
+/// The recorded original destination of the context's socket.
+#[inline(always)]
+fn recorded(ctx: *mut c_void) -> Option<OriginalDestination> {
+    // SAFETY: plain helper call; the map value is copied out at once.
+    unsafe {
+        let cookie = bpf_get_socket_cookie(ctx);
+        SOCKET_DESTINATIONS.get(&cookie).copied()
+    }
+}
+
+/// connect4 and sendmsg4: record, then rewrite to the relay or DNS listener.
+#[inline(always)]
+fn redirect4(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
+    let Some(cfg) = config() else {
+        return REFUSE;
+    };
+    let sa = ctx.sock_addr;
+    let (sock_type, protocol) = sock_type_protocol(sa);
+    let port = read_user_port(sa);
+    let (ip, to_port) = match route(sock_type, protocol, port, sendmsg) {
+        Route::Relay => (cfg.relay_ip4, cfg.relay_port),
+        Route::Dns => (cfg.dns_ip4, cfg.dns_port),
+        Route::Refuse => return REFUSE,
+    };
+    // SAFETY: `sa` is the program's context.
+    let dst_ip = unsafe { rd(addr_of!((*sa).user_ip4)) };
+    if record(ctx, mapped(dst_ip), port, AF_INET).is_err() {
+        // Without a record the relay could not tell where this was going.
+        return REFUSE;
+    }
+    // SAFETY: `sa` is the program's context.
+    unsafe { wr(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(ip)) };
+    write_user_port(sa, to_port);
+    ALLOW
+}
+
+/// connect6 and sendmsg6 (IPv4-mapped destinations included).
+#[inline(always)]
+fn redirect6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
+    let Some(cfg) = config() else {
+        return REFUSE;
+    };
+    let sa = ctx.sock_addr;
+    let (sock_type, protocol) = sock_type_protocol(sa);
+    let port = read_user_port(sa);
+    let (ip, to_port) = match route(sock_type, protocol, port, sendmsg) {
+        Route::Relay => (&cfg.relay_ip6, cfg.relay_port),
+        Route::Dns => (&cfg.dns_ip6, cfg.dns_port),
+        Route::Refuse => return REFUSE,
+    };
+    let dst = ip6_bytes(read_user_ip6(sa));
+    if record(ctx, dst, port, AF_INET6).is_err() {
+        return REFUSE;
+    }
+    write_user_ip6(sa, ip6_words(ip));
+    write_user_port(sa, to_port);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn icpt_connect4(ctx: SockAddrContext) -> i32 {
+    redirect4(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn icpt_connect6(ctx: SockAddrContext) -> i32 {
+    redirect6(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn icpt_sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect4(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn icpt_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect6(&ctx, true)
+}
+
+/// recvmsg4 / getpeername4: if the address is one of `targets` (ip, port),
+/// show the socket's recorded original IPv4 destination instead.
+#[inline(always)]
+fn restore4(ctx: &SockAddrContext, relay: bool) {
+    let Some(cfg) = config() else {
+        return;
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context.
+    let ip = unsafe { rd(addr_of!((*sa).user_ip4)) };
+    let port = read_user_port(sa);
+    let is_dns = ip == u32::from_ne_bytes(cfg.dns_ip4) && port == cfg.dns_port;
+    let is_relay = relay && ip == u32::from_ne_bytes(cfg.relay_ip4) && port == cfg.relay_port;
+    if !is_dns && !is_relay {
+        return;
+    }
+    let Some(dst) = recorded(ctx.as_ptr()) else {
+        return;
+    };
+    if !is_mapped(&dst.addr) {
+        return;
+    }
+    let a = &dst.addr;
+    // SAFETY: `sa` is the program's context.
+    unsafe {
+        wr(
+            addr_of_mut!((*sa).user_ip4),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        )
+    };
+    write_user_port(sa, dst.port);
+}
+
+/// recvmsg6 / getpeername6.
+#[inline(always)]
+fn restore6(ctx: &SockAddrContext, relay: bool) {
+    let Some(cfg) = config() else {
+        return;
+    };
+    let sa = ctx.sock_addr;
+    let ip = read_user_ip6(sa);
+    let port = read_user_port(sa);
+    let is_dns = ip == ip6_words(&cfg.dns_ip6) && port == cfg.dns_port;
+    let is_relay = relay && ip == ip6_words(&cfg.relay_ip6) && port == cfg.relay_port;
+    if !is_dns && !is_relay {
+        return;
+    }
+    let Some(dst) = recorded(ctx.as_ptr()) else {
+        return;
+    };
+    write_user_ip6(sa, ip6_words(&dst.addr));
+    write_user_port(sa, dst.port);
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn icpt_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore4(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn icpt_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore6(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn icpt_peername4(ctx: SockAddrContext) -> i32 {
+    restore4(&ctx, true);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn icpt_peername6(ctx: SockAddrContext) -> i32 {
+    restore6(&ctx, true);
+    1
+}
+
+/// When a redirected TCP connection is established, hand its original
+/// destination to the relay keyed by the client's local (address, port): what
+/// the relay sees as the peer of the accepted connection.
+#[sock_ops]
+pub fn icpt_sockops(ctx: SockOpsContext) -> u32 {
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the program's context.
+    let op = unsafe { rd(addr_of!((*ops).op)) };
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    let Some(dst) = recorded(ctx.as_ptr()) else {
+        return 1;
+    };
+    // Read every field up front, unconditionally: loads behind a branch can
+    // be compiled into a modified context pointer, which the verifier rejects.
+    // SAFETY: `ops` is the program's context.
+    let (family, port, ip4, ip6) = unsafe {
+        (
+            rd(addr_of!((*ops).family)),
+            rd(addr_of!((*ops).local_port)),
+            rd(addr_of!((*ops).local_ip4)),
+            [
+                rd(addr_of!((*ops).local_ip6[0])),
+                rd(addr_of!((*ops).local_ip6[1])),
+                rd(addr_of!((*ops).local_ip6[2])),
+                rd(addr_of!((*ops).local_ip6[3])),
+            ],
+        )
+    };
+    let addr = if family == AF_INET as u32 {
+        mapped(ip4)
+    } else if family == AF_INET6 as u32 {
+        ip6_bytes(ip6)
+    } else {
+        return 1;
+    };
+    // `local_port` is in host byte order in sock_ops (measured).
+    let key = ClientSocket { addr, port };
+    let _ = RELAY_HANDOFF.insert(&key, &dst, 0);
+    1
+}
+
+/// Forget a socket's destination when it is released.
+#[cgroup_sock(sock_release)]
+pub fn icpt_release(ctx: SockContext) -> i32 {
+    // SAFETY: plain helper call valid in cgroup sock programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = SOCKET_DESTINATIONS.remove(&cookie);
+    1
+}
+
+/// Only TCP and UDP inet sockets may be created: no raw, ICMP ping, SCTP,
+/// MPTCP, UDP-Lite sockets that the redirect does not cover.
+#[cgroup_sock(sock_create)]
+pub fn icpt_sockcreate(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: `sk` is the program's context.
+    let (family, sock_type, protocol) = unsafe {
+        (
+            rd(addr_of!((*sk).family)),
+            rd(addr_of!((*sk).type_)),
+            rd(addr_of!((*sk).protocol)),
+        )
+    };
+    let inet = family == AF_INET as u32 || family == AF_INET6 as u32;
+    let tcp = sock_type == SOCK_STREAM && (protocol == IPPROTO_TCP || protocol == 0);
+    let udp = sock_type == SOCK_DGRAM && (protocol == IPPROTO_UDP || protocol == 0);
+    if inet && (tcp || udp) {
+        ALLOW
+    } else {
+        REFUSE
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: nothing in these programs can panic (no indexing out of bounds,
+    // no arithmetic overflow checks in release); the verifier would reject a loop.
+    unsafe { core::hint::unreachable_unchecked() }
+}

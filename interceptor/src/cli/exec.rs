@@ -1,0 +1,112 @@
+//! `interceptor exec`: asks the daemon for a fresh sandbox cgroup of the tenant,
+//! then runs the command in it as the sandbox user with no new privileges.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use super::CliError;
+use crate::admin::{self, Reply, Request};
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(signal: libc::c_int) {
+    let child = CHILD.load(Ordering::Relaxed);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(child, signal) };
+    }
+}
+
+pub fn run(
+    admin_socket: &Path,
+    tenant: &str,
+    params: Vec<(String, String)>,
+    command: Vec<OsString>,
+) -> Result<i32, CliError> {
+    let params: BTreeMap<String, String> = params.into_iter().collect();
+    let reply = admin::call(
+        admin_socket,
+        &Request::ExecOpen {
+            tenant: tenant.to_string(),
+            params,
+        },
+    )?;
+    let (cgroup, uid, gid) = match reply {
+        Reply::Sandbox { cgroup, uid, gid } => (cgroup, uid, gid),
+        Reply::Error { message, usage } => {
+            return Err(CliError {
+                code: if usage { 2 } else { 1 },
+                message,
+            })
+        }
+        other => return Err(CliError::failure(format!("unexpected reply {other:?}"))),
+    };
+    let result = spawn_and_wait(&cgroup, uid, gid, &command);
+    if let Err(e) = admin::call(admin_socket, &Request::ExecClose { cgroup }) {
+        tracing::debug!("closing the sandbox: {e}");
+    }
+    result
+}
+
+fn spawn_and_wait(cgroup: &Path, uid: u32, gid: u32, command: &[OsString]) -> Result<i32, CliError> {
+    let procs_path = cgroup.join("cgroup.procs");
+    // Opened as root before dropping privileges: cgroup v2 checks the opener's
+    // credentials, so the child can move itself in after becoming the sandbox user.
+    let mut procs = OpenOptions::new()
+        .write(true)
+        .open(&procs_path)
+        .map_err(|e| CliError::failure(format!("{}: {e}", procs_path.display())))?;
+    let procs_fd = procs.as_raw_fd();
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            let zero = b"0";
+            if libc::write(procs_fd, zero.as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Whatever descriptors this CLI inherited stay out of the sandbox.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+        CliError {
+            code,
+            message: format!("cannot run {}: {e}", command[0].to_string_lossy()),
+        }
+    })?;
+    let _ = procs.flush();
+    drop(procs);
+    CHILD.store(child.id() as i32, Ordering::Relaxed);
+    // Like system(3): the terminal's interrupt goes to the child; we wait for it.
+    // SAFETY: installing handlers that only call kill(2) / ignoring signals.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, forward_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGHUP, forward_signal as *const () as libc::sighandler_t);
+    }
+    let status = child
+        .wait()
+        .map_err(|e| CliError::failure(format!("waiting for the command: {e}")))?;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}

@@ -1,0 +1,401 @@
+use super::*;
+use std::net::Ipv4Addr;
+
+const FILE: &str = "/etc/interceptor/test.toml";
+
+fn errors(text: &str) -> Vec<String> {
+    match parse(text, Path::new(FILE)) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.lines(),
+    }
+}
+
+fn ok(text: &str) -> Config {
+    match parse(text, Path::new(FILE)) {
+        Ok(c) => c,
+        Err(e) => panic!("unexpected errors:\n{e}"),
+    }
+}
+
+fn spec_example(key_file: &Path) -> String {
+    format!(
+        r#"[interceptor]
+relay = "127.0.0.1:15001"        # redirected TCP lands here; [::1] on the same port for IPv6
+dns = "127.0.0.1:15053"          # redirected DNS lands here
+admin_socket = "/run/interceptor/admin.sock"
+log_dir = "/var/log/interceptor"
+cgroup = "interceptor"           # subtree under the cgroup2 mount, found from /proc/self/mounts
+sandbox_user = "nobody"
+
+[resolve]                        # static names, like /etc/hosts, used by relay and DNS alike
+"api.example.com" = ["127.0.0.2"]
+
+[tenants.acme]                   # a tenant for `interceptor exec`
+outbound = "egress"
+params = {{ customer_name = "acme" }}
+
+[[dispatch_namespaces]]
+binding = "dispatcher"
+namespace = "customers"
+listen = "127.0.0.1:8080"
+workers = "/var/lib/interceptor/customers"   # NAME.wasm is the User Worker for NAME.<any domain>
+outbound = {{ service = "egress", parameters = ["customer_name", "url"] }}
+limits = {{ cpu_ms = 50, memory_mb = 128, subrequests = 50 }}   # per incoming request, like Cloudflare's custom limits
+
+[outbound.egress]                # the built-in outbound Worker
+default = "allow"                # "allow" or "block" for hosts on neither list
+allow = ["api.example.com", "*.github.com"]
+block = ["evil.example.com"]
+allow_cidrs = []                 # the guarded ranges of §5 are blocked unless listed here
+log = true
+
+[[outbound.egress.inject]]
+host = "api.example.com"
+header = "Authorization"
+jwt = {{ algorithm = "HS256", key_file = "{}", ttl_seconds = 300, claims = {{ sub = "{{customer_name}}" }} }}
+# or: value = "Bearer {{env:API_TOKEN}}"
+"#,
+        key_file.display()
+    )
+}
+
+#[test]
+fn spec_example_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("api.key");
+    std::fs::write(&key, "demo-secret\n").unwrap();
+    let c = ok(&spec_example(&key));
+    assert_eq!(c.path, Path::new(FILE));
+    let i = &c.interceptor;
+    assert_eq!(i.relay, "127.0.0.1:15001".parse().unwrap());
+    assert_eq!(i.relay_v6(), "[::1]:15001".parse().unwrap());
+    assert_eq!(i.dns, "127.0.0.1:15053".parse().unwrap());
+    assert_eq!(i.admin_socket, Path::new("/run/interceptor/admin.sock"));
+    assert_eq!(i.log_dir, Path::new("/var/log/interceptor"));
+    assert_eq!(i.cgroup, "interceptor");
+    assert_eq!(i.sandbox_user, "nobody");
+    assert_eq!(i.log_max_bytes, 64 * 1024 * 1024);
+    assert_eq!(i.log_keep, 5);
+    assert_eq!(
+        c.resolve_host("API.example.com."),
+        Some(&[IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))][..])
+    );
+    let acme = c.tenant("acme").unwrap();
+    assert_eq!(acme.outbound.as_deref(), Some("egress"));
+    assert_eq!(acme.params["customer_name"], "acme");
+    let ns = c.namespace("customers").unwrap();
+    assert_eq!(ns.binding, "dispatcher");
+    assert_eq!(ns.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(ns.workers, Path::new("/var/lib/interceptor/customers"));
+    let o = ns.outbound.as_ref().unwrap();
+    assert_eq!(o.service, "egress");
+    assert_eq!(o.parameters, ["customer_name", "url"]);
+    assert_eq!(
+        ns.limits,
+        Limits {
+            cpu_ms: Some(50),
+            memory_mb: Some(128),
+            subrequests: Some(50)
+        }
+    );
+    let e = c.outbound("egress").unwrap();
+    assert_eq!(e.default, Action::Allow);
+    assert_eq!(e.allow.len(), 2);
+    assert_eq!(e.block, [HostPattern::Exact("evil.example.com".into())]);
+    assert!(e.allow_cidrs.is_empty());
+    assert!(e.log);
+    assert_eq!(e.inject.len(), 1);
+    assert_eq!(e.inject[0].header, "authorization");
+    match &e.inject[0].source {
+        InjectSource::Jwt(j) => {
+            assert_eq!(j.algorithm, Algorithm::HS256);
+            assert_eq!(j.key_file, key);
+            assert_eq!(j.ttl_seconds, 300);
+            assert_eq!(j.claims["sub"], "{customer_name}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn empty_config_has_defaults() {
+    let c = ok("");
+    assert_eq!(c.interceptor, InterceptorConfig::default());
+    assert!(c.tenants.is_empty() && c.outbound.is_empty() && c.dispatch_namespaces.is_empty());
+    let c = ok("[interceptor]\n");
+    assert_eq!(c.interceptor, InterceptorConfig::default());
+}
+
+#[test]
+fn extra_interceptor_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let path = dir.path().join("c.toml");
+    let c = parse(
+        "[interceptor]\nupstream_ca = [\"ca.pem\"]\nlog_max_bytes = 1000\nlog_keep = 0\nlog_dir = \"logs\"\n",
+        &path,
+    )
+    .unwrap();
+    assert_eq!(c.interceptor.upstream_ca, [dir.path().join("ca.pem")]);
+    assert_eq!(c.interceptor.log_max_bytes, 1000);
+    assert_eq!(c.interceptor.log_keep, 0);
+    assert_eq!(c.interceptor.log_dir, dir.path().join("logs"));
+    let errs = parse("[interceptor]\nupstream_ca = [\"missing.pem\"]\n", &path)
+        .unwrap_err()
+        .lines();
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].contains(":2:16: `upstream_ca`: cannot read"), "{errs:?}");
+}
+
+#[test]
+fn syntax_error_position() {
+    let errs = errors("[interceptor]\nrelay = \"127.0.0.1:15001\"\ndns = \n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with(&format!("{FILE}:3:7: TOML syntax error")),
+        "{errs:?}"
+    );
+    let errs = errors("[a]\nx = 1\nx = 2\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with(&format!("{FILE}:3:1: TOML syntax error")), "{errs:?}");
+}
+
+#[test]
+fn unknown_key_position() {
+    let errs = errors("[interceptor]\nrelay = \"127.0.0.1:15001\"\n  relya = \"x\"\n");
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with(&format!("{FILE}:3:3: unknown key `relya` in [interceptor]")),
+        "{errs:?}"
+    );
+    let errs = errors("[outbound.x]\nallow = []\n[[outbound.x.inject]]\nhost = \"a.com\"\nheader = \"x-a\"\nvalue = \"v\"\nextra = 1\n");
+    assert_eq!(errs, [format!("{FILE}:7:1: unknown key `extra` in [[outbound.x.inject]] #1; expected one of: host, header, value, jwt")]);
+    let errs = errors("bogus = 1\n");
+    assert!(errs[0].starts_with(&format!("{FILE}:1:1: unknown key `bogus` in the top level")));
+}
+
+#[test]
+fn bad_cidr_position() {
+    let errs = errors("[outbound.e]\nallow_cidrs = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n");
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with(&format!("{FILE}:2:30: `allow_cidrs`: \"10.0.0.0/33\" is not a CIDR")),
+        "{errs:?}"
+    );
+    let errs = errors("[outbound.e]\nallow_cidrs = [\"10.0.0.1/8\"]\n");
+    assert!(errs[0].contains("host bits set"), "{errs:?}");
+    let c = ok("[outbound.e]\nallow_cidrs = [\"127.0.0.2\", \"fd00::/8\"]\n");
+    assert_eq!(
+        c.outbound["e"].allow_cidrs,
+        vec!["127.0.0.2/32".parse::<IpNet>().unwrap(), "fd00::/8".parse().unwrap()]
+    );
+}
+
+#[test]
+fn several_errors_are_collected() {
+    let text = r#"[interceptor]
+relay = "[::1]:15001"
+log_keep = -1
+
+[resolve]
+"a.example" = ["not-an-ip"]
+
+[tenants.acme]
+outbound = "nope"
+
+[tenants."bad name"]
+
+[[dispatch_namespaces]]
+namespace = "ns"
+listen = "127.0.0.1:8080"
+workers = "w"
+outbound = { service = "missing", parameters = ["customer_name", "color"] }
+
+[[dispatch_namespaces]]
+namespace = "ns2"
+listen = "127.0.0.1:8080"
+workers = "w"
+
+[outbound.e]
+default = "maybe"
+allow = ["*.*.com"]
+allow_cidrs = ["x"]
+
+[[outbound.e.inject]]
+host = "a.com"
+header = "x-a"
+
+[[outbound.e.inject]]
+host = "a.com"
+header = "x-a"
+value = "v"
+jwt = { algorithm = "HS256", key_file = "/k" }
+
+[[outbound.e.inject]]
+host = "a.com"
+header = "Authorization"
+jwt = { algorithm = "HS999", key_file = "/nonexistent/interceptor.key" }
+
+[[outbound.e.inject]]
+host = "a.com"
+header = "Authorization"
+jwt = { algorithm = "HS256", key_file = "/nonexistent/interceptor.key" }
+"#;
+    let errs = errors(text);
+    let expect = [
+        "2:9: `relay` must be an IPv4 address",
+        "3:12: `log_keep` must be between 0 and 10000, not -1",
+        "6:16: [resolve]: \"not-an-ip\" is not an IP address",
+        "9:12: unknown outbound `nope`",
+        "11:10: invalid tenant name `bad name`",
+        "17:24: unknown outbound `missing`",
+        "17:64: unknown dispatch parameter `color`",
+        "21:10: `listen` address 127.0.0.1:8080 is already used by dispatch namespace `ns`",
+        "25:11: `default`: `maybe` is neither",
+        "26:10: `allow`: `*.*.com`",
+        "27:16: `allow_cidrs`: \"x\" is not a CIDR",
+        "29:1: [[outbound.e.inject]] #1 needs `value` or `jwt`",
+        "37:1: [[outbound.e.inject]] #2 has both `value` and `jwt`",
+        "42:19: unknown JWT algorithm `HS999`",
+        "47:44: `key_file`: cannot read key file /nonexistent/interceptor.key",
+    ];
+    for (e, want) in errs.iter().zip(expect.iter()) {
+        assert!(
+            e.starts_with(&format!("{FILE}:{want}")),
+            "got {e:?}, want {want:?}\nall: {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+}
+
+#[test]
+fn missing_file_is_one_line() {
+    let err = load(Path::new("/nonexistent/interceptor.toml")).unwrap_err();
+    let lines = err.lines();
+    assert_eq!(
+        lines,
+        ["/nonexistent/interceptor.toml: cannot read config file: No such file or directory (os error 2)"]
+    );
+    assert_eq!(err.to_string(), lines[0]);
+}
+
+#[test]
+fn display_joins_lines() {
+    let err = parse("a = 1\nb = 2\n", Path::new("x.toml")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "x.toml:1:1: unknown key `a` in the top level; expected one of: interceptor, resolve, tenants, dispatch_namespaces, outbound\n\
+         x.toml:2:1: unknown key `b` in the top level; expected one of: interceptor, resolve, tenants, dispatch_namespaces, outbound"
+    );
+    let mut buf = Vec::new();
+    err.write_to(&mut buf).unwrap();
+    assert_eq!(String::from_utf8(buf).unwrap(), format!("{err}\n"));
+}
+
+#[test]
+fn undeclared_param_in_inject_is_fine() {
+    let c = ok("[outbound.e]\n[[outbound.e.inject]]\nhost = \"*.example.com\"\nheader = \"X-Who\"\nvalue = \"{whoever} {env:HOME}\"\n");
+    assert_eq!(c.outbound["e"].inject.len(), 1);
+}
+
+#[test]
+fn inject_checks() {
+    let errs = errors("[outbound.e]\ninject = [{ host = \"a.com\", header = \"Host\", value = \"x\" }, { host = \"a.com:80\", header = \"bad header\", value = \"{oops\" }]\n");
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+    assert!(errs[0].contains("`header`: `Host` is managed by the relay"));
+    assert!(errs[1].contains("`host`: `a.com:80`: write the host without a port"));
+    assert!(errs[2].contains("not a valid HTTP header name"));
+    assert!(errs[3].contains("`value`: unclosed `{`"));
+    let errs = errors("[outbound.e]\n[[outbound.e.inject]]\nhost = \"a.com\"\nheader = \"a\"\njwt = { algorithm = \"HS256\", key_file = \"/dev/null\", claims = { exp = 1, sub = \"{x\" } }\n");
+    assert!(errs.iter().any(|e| e.contains("is empty")), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains("claim `exp` is set by the interceptor")), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains("claim template: unclosed")), "{errs:#?}");
+}
+
+#[test]
+fn relative_key_file_and_claim_types() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("k.key"), "secret").unwrap();
+    let path = dir.path().join("sub").join("..").join("c.toml");
+    let text = "[outbound.e]\n[[outbound.e.inject]]\nhost = \"a.com\"\nheader = \"authorization\"\n[outbound.e.inject.jwt]\nalgorithm = \"HS512\"\nkey_file = \"k.key\"\nkid = \"v1\"\n[outbound.e.inject.jwt.claims]\nn = 1\nf = 1.5\nb = true\nlist = [\"{a}\", 2]\nnested = { x = \"{b}\" }\n";
+    let c = parse(text, &path).unwrap();
+    let InjectSource::Jwt(j) = &c.outbound["e"].inject[0].source else {
+        panic!()
+    };
+    assert!(j.key_file.is_absolute());
+    assert!(j.key_file.ends_with("k.key"));
+    assert_eq!(j.ttl_seconds, DEFAULT_JWT_TTL_SECONDS);
+    assert_eq!(j.kid.as_deref(), Some("v1"));
+    assert_eq!(
+        serde_json::Value::Object(j.claims.clone()),
+        serde_json::json!({"n": 1, "f": 1.5, "b": true, "list": ["{a}", 2], "nested": {"x": "{b}"}})
+    );
+    // Debug never shows claim values
+    assert!(!format!("{c:?}").contains("{a}"));
+}
+
+#[test]
+fn names_and_references() {
+    assert!(is_valid_name("acme_1-x"));
+    assert!(!is_valid_name("-acme"));
+    assert!(!is_valid_name(".acme"));
+    assert!(!is_valid_name("a/b"));
+    assert!(!is_valid_name(""));
+    assert!(!is_valid_name(&"a".repeat(65)));
+    assert!(is_valid_name(&"a".repeat(64)));
+    let errs = errors("[outbound.\"-x\"]\n[tenants.t]\noutbound = \"-x\"\n");
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].contains(":1:11: invalid outbound name `-x`"), "{errs:#?}");
+    assert!(errs[1].contains(":3:12: unknown outbound `-x`"), "{errs:#?}");
+    // references do not depend on the order in the file
+    let c = ok("[tenants.t]\noutbound = \"later\"\n[outbound.later]\ndefault = \"block\"\n");
+    assert_eq!(c.tenants["t"].outbound.as_deref(), Some("later"));
+    assert_eq!(c.outbound["later"].default, Action::Block);
+}
+
+#[test]
+fn listen_collisions() {
+    let errs = errors("[[dispatch_namespaces]]\nnamespace = \"a\"\nlisten = \"127.0.0.1:15001\"\nworkers = \"/w\"\n");
+    assert!(errs[0].contains("already used by the relay"), "{errs:#?}");
+    let errs = errors("[[dispatch_namespaces]]\nnamespace = \"a\"\nlisten = \"0.0.0.0:9000\"\nworkers = \"/w\"\n[[dispatch_namespaces]]\nnamespace = \"a\"\nlisten = \"127.0.0.1:9000\"\nworkers = \"/w\"\n");
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].contains(":6:13: dispatch namespace `a` is defined twice"), "{errs:#?}");
+    assert!(errs[1].contains(":7:10: `listen` address 127.0.0.1:9000 is already used"), "{errs:#?}");
+    let errs = errors("[[dispatch_namespaces]]\nnamespace = \"a\"\n");
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].contains(":1:1: dispatch namespace `a` is missing `listen`"), "{errs:#?}");
+    let errs = errors("[interceptor]\nrelay = \"127.0.0.1:53\"\ndns = \"127.0.0.1:53\"\n");
+    assert!(errs[0].contains(":3:7: `relay` and `dns` are both"), "{errs:#?}");
+}
+
+#[test]
+fn type_errors() {
+    let errs = errors("[interceptor]\nrelay = 15001\nlog_max_bytes = \"big\"\n[outbound.e]\nlog = \"yes\"\nallow = \"a.com\"\n[tenants.t]\nparams = { n = 1 }\n");
+    let expect = [
+        "2:9: `relay` must be a string, not an integer",
+        "3:17: `log_max_bytes` must be an integer, not a string",
+        "5:7: `log` must be true or false, not a string",
+        "6:9: `allow` must be an array of strings, not a string",
+        "8:16: `n` must be a string, not an integer",
+    ];
+    assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    for (e, want) in errs.iter().zip(expect) {
+        assert!(e.starts_with(&format!("{FILE}:{want}")), "{e} vs {want}");
+    }
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/interceptor.toml");
+    let c = match load(&path) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert!(c.tenants.contains_key("acme"));
+    let policies = crate::policy::OutboundPolicy::all_from_config(&c).unwrap();
+    assert!(policies.contains_key("egress"));
+}

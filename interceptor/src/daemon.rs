@@ -1,0 +1,356 @@
+//! `interceptor run`: wires the parts together. Listeners are bound before the
+//! eBPF programs are attached, so a port in use fails the start before anything
+//! changes in the kernel; the programs are never detached, so sandboxed
+//! connections fail (never go out unfiltered) while no daemon runs.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AttachedProgramStatus, Handler, Reply, Request, Status};
+use crate::cli::{DaemonPointer, POINTER_FILE};
+use crate::config::{Config, OutboundConfig};
+use crate::dns::{self, DnsContext};
+use crate::ebpf::{self, Enforcement, RedirectTargets};
+use crate::logs::LogWriter;
+use crate::policy::{Action, OutboundPolicy};
+use crate::record::Recorder;
+use crate::relay::{self, LocalAddresses, RelayContext};
+use crate::resolve::Resolver;
+use crate::tenants::{SandboxRegistry, Tenant, TenantId};
+
+/// In-flight requests get this long to finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+const LISTEN_BACKLOG: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("interceptor run must be started as root")]
+    NotRoot,
+    #[error("the daemon's own cgroup {0} is inside the enforced subtree; its traffic would be redirected")]
+    InsideSubtree(PathBuf),
+    #[error("{what} {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("sandbox_user {0:?}: no such user")]
+    SandboxUser(String),
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::EbpfError),
+    #[error(transparent)]
+    Tenants(#[from] crate::tenants::TenantError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    Logs(#[from] crate::logs::LogError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+fn listen_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, DaemonError> {
+    let err = |source| DaemonError::Listen { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+async fn listen_udp(what: &'static str, addr: SocketAddr) -> Result<UdpSocket, DaemonError> {
+    UdpSocket::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Listen { what, addr, source })
+}
+
+fn ipv6_loopback(port: u16) -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0))
+}
+
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => SocketAddrV4::new(
+            a.ip().to_ipv4_mapped().unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+            a.port(),
+        ),
+    }
+}
+
+fn v6(addr: SocketAddr) -> SocketAddrV6 {
+    match addr {
+        SocketAddr::V6(a) => a,
+        SocketAddr::V4(a) => SocketAddrV6::new(Ipv6Addr::LOCALHOST, a.port(), 0, 0),
+    }
+}
+
+/// The cgroup v2 path of this process, from /proc/self/cgroup (`0::/path`).
+fn own_cgroup(mount: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(mount.join(path.trim_start_matches('/')))
+}
+
+pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(DaemonError::NotRoot);
+    }
+    let settings = &config.interceptor;
+    let mount = ebpf::cgroup2_mount()?;
+    let root = mount.join(&settings.cgroup);
+    if let Some(own) = own_cgroup(&mount) {
+        if own.starts_with(&root) {
+            return Err(DaemonError::InsideSubtree(own));
+        }
+    }
+    let user = nix::unistd::User::from_name(&settings.sandbox_user)
+        .ok()
+        .flatten()
+        .ok_or_else(|| DaemonError::SandboxUser(settings.sandbox_user.clone()))?;
+
+    let policies: BTreeMap<String, Arc<OutboundPolicy>> = OutboundPolicy::all_from_config(&config)?
+        .into_iter()
+        .map(|(name, policy)| (name, Arc::new(policy)))
+        .collect();
+    // A tenant that names no outbound Worker: allowed out, guarded ranges still refused.
+    let allow_all = Arc::new(OutboundPolicy::from_config(&OutboundConfig {
+        name: String::new(),
+        default: Action::Allow,
+        allow: Vec::new(),
+        block: Vec::new(),
+        allow_cidrs: Vec::new(),
+        log: true,
+        inject: Vec::new(),
+    })?);
+    let tenants = config
+        .tenants
+        .iter()
+        .map(|(name, tenant)| Tenant {
+            id: TenantId(name.clone()),
+            params: tenant.params.clone(),
+            policy: tenant
+                .outbound
+                .as_ref()
+                .and_then(|o| policies.get(o))
+                .unwrap_or(&allow_all)
+                .clone(),
+        })
+        .collect();
+
+    // Bind first: a port in use fails the start before the kernel is touched.
+    let relay_v4 = SocketAddr::V4(v4(settings.relay));
+    let relay_v6 = ipv6_loopback(settings.relay.port());
+    let dns_v4 = SocketAddr::V4(v4(settings.dns));
+    let dns_v6 = ipv6_loopback(settings.dns.port());
+    let relay_listeners = [
+        listen_tcp("relay", relay_v4)?,
+        listen_tcp("relay", relay_v6)?,
+    ];
+    let dns_sockets = [
+        listen_udp("dns", dns_v4).await?,
+        listen_udp("dns", dns_v6).await?,
+    ];
+    let admin_listener = admin::bind(&settings.admin_socket).await?;
+
+    let sandboxes = Arc::new(SandboxRegistry::create(root.clone(), tenants)?);
+    let mut enforcement = Enforcement::load(&RedirectTargets {
+        relay_v4: v4(relay_v4),
+        relay_v6: v6(relay_v6),
+        dns_v4: v4(dns_v4),
+        dns_v6: v6(dns_v6),
+    })?;
+    enforcement.attach(&root)?;
+    tracing::info!(cgroup = %root.display(), "eBPF programs attached");
+
+    let recorder = Recorder::new(LogWriter::open(
+        &settings.log_dir,
+        settings.log_max_bytes,
+        settings.log_keep,
+    )?);
+    let resolver = Arc::new(Resolver::new(config.resolve.clone()));
+    let local = LocalAddresses {
+        listeners: vec![relay_v4, relay_v6, dns_v4, dns_v6],
+    };
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let relay_ctx = RelayContext::new(
+        enforcement.destinations(),
+        sandboxes.clone(),
+        recorder.clone(),
+        resolver.clone(),
+        local.clone(),
+    );
+    for listener in relay_listeners {
+        tokio::spawn(relay::serve(
+            listener,
+            relay_ctx.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let dns_ctx = Arc::new(DnsContext {
+        destinations: enforcement.destinations(),
+        sandboxes: sandboxes.clone(),
+        recorder: recorder.clone(),
+        resolver,
+        forwarders: dns::forwarders_from_resolv_conf(&resolv_conf, &local.listeners),
+    });
+    for socket in dns_sockets {
+        tokio::spawn(dns::serve(
+            socket,
+            dns_ctx.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    let handler = Arc::new(AdminHandler {
+        sandboxes,
+        recorder: recorder.clone(),
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        status: Status {
+            pid: std::process::id(),
+            config: config_path.clone(),
+            started: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            cgroup: root.clone(),
+            relay: vec![relay_v4.to_string(), relay_v6.to_string()],
+            dns: vec![dns_v4.to_string(), dns_v6.to_string()],
+            log_dir: settings.log_dir.clone(),
+            attached: Vec::new(),
+            tenants: BTreeMap::new(),
+        },
+    });
+    tokio::spawn(admin::serve(admin_listener, handler, shutdown.clone()));
+    {
+        let recorder = recorder.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => recorder.flush(),
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+    write_pointer(&DaemonPointer {
+        config: config_path,
+        admin_socket: settings.admin_socket.clone(),
+        log_dir: settings.log_dir.clone(),
+        pid: std::process::id(),
+    });
+    tracing::info!(relay = %relay_v4, dns = %dns_v4, admin = %settings.admin_socket.display(), "interceptor ready");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+        tracing::warn!("in-flight connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+    recorder.flush();
+    let _ = std::fs::remove_file(&settings.admin_socket);
+    // The programs stay attached: with no relay listening, sandboxed connects fail.
+    drop(enforcement);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn write_pointer(pointer: &DaemonPointer) {
+    let path = Path::new(POINTER_FILE);
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            std::fs::write(
+                path,
+                serde_json::to_vec_pretty(pointer).expect("pointer serialises"),
+            )
+        });
+    if let Err(e) = written {
+        tracing::warn!("cannot write {POINTER_FILE}: {e}");
+    }
+}
+
+struct AdminHandler {
+    sandboxes: Arc<SandboxRegistry>,
+    recorder: Arc<Recorder>,
+    uid: u32,
+    gid: u32,
+    /// The parts of the status that do not change.
+    status: Status,
+}
+
+impl Handler for AdminHandler {
+    fn handle(&self, request: Request) -> Reply {
+        match request {
+            Request::ExecOpen { tenant, params } => {
+                match self.sandboxes.open_exec(&tenant, params, None) {
+                    Ok(sandbox) => Reply::Sandbox {
+                        cgroup: sandbox.cgroup.clone(),
+                        uid: self.uid,
+                        gid: self.gid,
+                    },
+                    Err(e @ crate::tenants::TenantError::UnknownTenant(_)) => Reply::Error {
+                        message: e.to_string(),
+                        usage: true,
+                    },
+                    Err(e) => Reply::Error {
+                        message: e.to_string(),
+                        usage: false,
+                    },
+                }
+            }
+            Request::ExecClose { cgroup } => match self.sandboxes.close_exec(&cgroup) {
+                Ok(()) => Reply::Done,
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                    usage: false,
+                },
+            },
+            Request::Status => {
+                let mut status = self.status.clone();
+                status.tenants = self.recorder.counters();
+                for tenant in self.sandboxes.tenants() {
+                    status.tenants.entry(tenant.id.0.clone()).or_default();
+                }
+                status.attached = ebpf::attached_programs(&status.cgroup)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| AttachedProgramStatus {
+                        attach_type: p.attach_type.to_string(),
+                        id: p.id,
+                        name: p.name,
+                    })
+                    .collect();
+                Reply::Status(Box::new(status))
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The DNS listener: sandboxed UDP port-53 traffic is redirected here by the eBPF
+//! hooks. Names the tenant's outbound Worker blocks get NXDOMAIN; `[resolve]`
+//! names are answered locally; the rest is forwarded to the host's resolvers.
+//! Every query is logged as `proto = "dns"`.
+
+mod origin;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ebpf::DestinationTable;
+use crate::logs::{Proto, Verdict};
+use crate::policy::{Action, Decision};
+use crate::record::Recorder;
+use crate::resolve::{normalize_host, Resolver};
+use crate::tenants::SandboxRegistry;
+
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+const STATIC_TTL: u32 = 60;
+
+pub struct DnsContext {
+    pub destinations: DestinationTable,
+    pub sandboxes: Arc<SandboxRegistry>,
+    pub recorder: Arc<Recorder>,
+    pub resolver: Arc<Resolver>,
+    /// The host's resolvers, from /etc/resolv.conf.
+    pub forwarders: Vec<SocketAddr>,
+}
+
+/// The `nameserver`s of a resolv.conf, minus the daemon's own DNS listeners.
+pub fn forwarders_from_resolv_conf(text: &str, own: &[SocketAddr]) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .filter(|addr| !own.contains(addr))
+        .collect()
+}
+
+pub async fn serve(
+    socket: UdpSocket,
+    ctx: Arc<DnsContext>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let socket = Arc::new(socket);
+    let local = match socket.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            tracing::error!("dns listener: {e}");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let received = tokio::select! {
+            received = socket.recv_from(&mut buf) => received,
+            () = shutdown.cancelled() => return,
+        };
+        let (len, client) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("dns recv: {e}");
+                continue;
+            }
+        };
+        let query = buf[..len].to_vec();
+        let ctx = ctx.clone();
+        let socket = socket.clone();
+        tracker.spawn(async move {
+            if let Some(reply) = answer(&ctx, local, client, &query).await {
+                let _ = socket.send_to(&reply, client).await;
+            }
+        });
+    }
+}
+
+async fn answer(ctx: &DnsContext, local: SocketAddr, client: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+    let started = Instant::now();
+    // Only queries from sandboxed sockets the hooks redirected are served.
+    let cookie = match origin::socket_cookie(local, client) {
+        Ok(cookie) => cookie,
+        Err(e) => {
+            tracing::debug!(%client, "dns query from an unknown socket: {e}");
+            return None;
+        }
+    };
+    let original = ctx.destinations.by_cookie(cookie)?;
+    let sandbox = ctx.sandboxes.lookup(original.cgroup_id)?;
+    let request = Message::from_vec(query).ok()?;
+    let question = request.queries().first()?.clone();
+    let name = normalize_host(&question.name().to_ascii());
+    let policy = &sandbox.tenant.policy;
+
+    let mut entry = crate::logs::LogEntry::new(&sandbox.tenant.id.0, Proto::Dns, original.socket_addr());
+    entry.worker = sandbox.worker.clone();
+    entry.pid = Some(original.pid);
+    entry.params = sandbox.params.clone();
+    entry.method = Some(question.query_type().to_string());
+    entry.host = Some(name.clone());
+    entry.bytes_sent = query.len() as u64;
+
+    let decision = policy.decide_host(&name);
+    entry.rule = decision.rule.clone();
+    let reply = if decision.action == Action::Block {
+        entry.decision = Verdict::Block;
+        respond(&request, ResponseCode::NXDomain, Vec::new())
+    } else if let Some(ips) = ctx.resolver.lookup_static(&name) {
+        entry.decision = Verdict::Allow;
+        let records = ips
+            .iter()
+            .filter_map(|ip| match (ip, question.query_type()) {
+                (IpAddr::V4(v4), RecordType::A) => Some(RData::A(A(*v4))),
+                (IpAddr::V6(v6), RecordType::AAAA) => Some(RData::AAAA(AAAA(*v6))),
+                _ => None,
+            })
+            .map(|rdata| Record::from_rdata(question.name().clone(), STATIC_TTL, rdata))
+            .collect();
+        respond(&request, ResponseCode::NoError, records)
+    } else {
+        match forward(&ctx.forwarders, query).await {
+            Some((reply, server)) => {
+                entry.decision = Verdict::Allow;
+                entry.upstream = Some(server.to_string());
+                Some(reply)
+            }
+            None => {
+                entry.decision = Verdict::Error;
+                entry.rule = Decision {
+                    action: Action::Block,
+                    rule: "resolve".into(),
+                }
+                .rule;
+                respond(&request, ResponseCode::ServFail, Vec::new())
+            }
+        }
+    };
+    entry.bytes_received = reply.as_ref().map_or(0, |r| r.len() as u64);
+    entry.duration_ms = started.elapsed().as_millis() as u64;
+    ctx.recorder.record(&entry, policy.log_enabled());
+    reply
+}
+
+fn respond(request: &Message, code: ResponseCode, answers: Vec<Record>) -> Option<Vec<u8>> {
+    let mut response = Message::new();
+    response
+        .set_id(request.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(request.op_code())
+        .set_recursion_desired(request.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(code);
+    response.add_queries(request.queries().iter().cloned());
+    response.add_answers(answers);
+    response.to_vec().ok()
+}
+
+/// Sends the query as it came to each resolver in turn; the first reply wins.
+async fn forward(forwarders: &[SocketAddr], query: &[u8]) -> Option<(Vec<u8>, SocketAddr)> {
+    for &server in forwarders {
+        let bind: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse().ok()?
+        } else {
+            "[::]:0".parse().ok()?
+        };
+        let Ok(socket) = UdpSocket::bind(bind).await else {
+            continue;
+        };
+        if socket.connect(server).await.is_err() || socket.send(query).await.is_err() {
+            continue;
+        }
+        let mut buf = vec![0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(FORWARD_TIMEOUT, socket.recv(&mut buf)).await {
+            buf.truncate(n);
+            return Some((buf, server));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let own: Vec<SocketAddr> = vec!["127.0.0.1:53".parse().unwrap()];
+        let conf = "# comment\nnameserver 10.0.0.2\nnameserver 127.0.0.1\nsearch x\nnameserver ::1\n";
+        assert_eq!(
+            forwarders_from_resolv_conf(conf, &own),
+            vec![
+                "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+    }
+}

@@ -1,0 +1,279 @@
+//! [`LogEntry`]: one line of a tenant's log.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::LogError;
+
+/// The protocol the relay saw on a connection.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Http,
+    Tls,
+    Tcp,
+    Dns,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Http => "http",
+            Proto::Tls => "tls",
+            Proto::Tcp => "tcp",
+            Proto::Dns => "dns",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl FromStr for Proto {
+    type Err = LogError;
+    fn from_str(s: &str) -> Result<Self, LogError> {
+        match s.to_ascii_lowercase().as_str() {
+            "http" => Ok(Proto::Http),
+            "tls" => Ok(Proto::Tls),
+            "tcp" => Ok(Proto::Tcp),
+            "dns" => Ok(Proto::Dns),
+            _ => Err(LogError::BadProto(s.to_owned())),
+        }
+    }
+}
+
+/// What was decided for a request or connection (`decision` in the log).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Block,
+    Error,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Block => "block",
+            Verdict::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl FromStr for Verdict {
+    type Err = LogError;
+    fn from_str(s: &str) -> Result<Self, LogError> {
+        match s.to_ascii_lowercase().as_str() {
+            "allow" => Ok(Verdict::Allow),
+            "block" => Ok(Verdict::Block),
+            "error" => Ok(Verdict::Error),
+            _ => Err(LogError::BadDecision(s.to_owned())),
+        }
+    }
+}
+
+/// One subrequest (HTTP request, TLS or TCP connection, DNS query) of a tenant: one line
+/// of `<log_dir>/<tenant>.jsonl`.
+///
+/// Every field is always serialized, in this order; absent values are `null`. `ts` is
+/// RFC 3339 in UTC with millisecond precision (`2024-05-01T12:00:00.123Z`). `url` is
+/// written without any `user:password@` part (credentials never reach a log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// When the request was seen.
+    #[serde(with = "ts_serde")]
+    pub ts: OffsetDateTime,
+    pub tenant: String,
+    /// The User Worker, where there is one.
+    #[serde(default)]
+    pub worker: Option<String>,
+    /// The sandboxed process that connected, when known.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    pub proto: Proto,
+    /// HTTP method (http only).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Full request URL (http only).
+    #[serde(default, serialize_with = "ser_url")]
+    pub url: Option<String>,
+    /// The host judged: Host header / URI host, SNI, or DNS query name.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// What the sandbox asked for, `ip:port` (`[::1]:80` for IPv6).
+    pub dst: String,
+    /// Where the relay connected, `ip:port`, when it did.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    pub decision: Verdict,
+    /// What decided it (e.g. `allow:api.example.com`, `default`, `cidr:guarded`).
+    #[serde(default)]
+    pub rule: String,
+    /// HTTP status returned to the sandbox (http only).
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// Bytes sent upstream on behalf of the sandbox.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Bytes received from upstream.
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Whole milliseconds from the start of the request to its end.
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// The outbound parameters of the request.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+impl LogEntry {
+    /// An entry stamped now, with `decision = allow`, empty `rule`, everything else absent
+    /// or zero; set the rest through the public fields or the `with_*` helpers.
+    pub fn new(tenant: impl Into<String>, proto: Proto, dst: SocketAddr) -> Self {
+        LogEntry {
+            ts: now_ms(),
+            tenant: tenant.into(),
+            worker: None,
+            pid: None,
+            proto,
+            method: None,
+            url: None,
+            host: None,
+            dst: dst.to_string(),
+            upstream: None,
+            decision: Verdict::Allow,
+            rule: String::new(),
+            status: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: 0,
+            params: BTreeMap::new(),
+        }
+    }
+
+    pub fn with_decision(mut self, decision: Verdict, rule: impl Into<String>) -> Self {
+        self.decision = decision;
+        self.rule = rule.into();
+        self
+    }
+
+    pub fn with_host(mut self, host: impl Into<String>) -> Self {
+        self.host = Some(host.into());
+        self
+    }
+
+    pub fn with_upstream(mut self, upstream: SocketAddr) -> Self {
+        self.upstream = Some(upstream.to_string());
+        self
+    }
+
+    pub fn with_worker(mut self, worker: impl Into<String>) -> Self {
+        self.worker = Some(worker.into());
+        self
+    }
+
+    pub fn with_pid(mut self, pid: u32) -> Self {
+        self.pid = Some(pid);
+        self
+    }
+
+    pub fn with_params(mut self, params: BTreeMap<String, String>) -> Self {
+        self.params = params;
+        self
+    }
+
+    /// Sets `duration_ms` from an elapsed time (rounded down to whole milliseconds).
+    pub fn set_duration(&mut self, elapsed: std::time::Duration) {
+        self.duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    }
+
+    /// The entry as one JSON line, without the trailing newline.
+    pub fn to_json_line(&self) -> Result<String, LogError> {
+        serde_json::to_string(self).map_err(LogError::Serialize)
+    }
+
+    /// Parses one JSON line. Unknown keys are ignored; keys other than `ts`, `tenant`,
+    /// `proto`, `dst` and `decision` may be missing.
+    pub fn from_json_line(line: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+}
+
+/// The current time in UTC, truncated to milliseconds (what a log line can hold).
+pub(crate) fn now_ms() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+        .unwrap_or(now)
+}
+
+/// Removes a `user[:password]@` part from a URL's authority, if there is one:
+/// `https://u:p@host/x` → `https://host/x`. Anything that is not `scheme://…` is
+/// returned unchanged.
+pub fn redact_url(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(scheme_end) = url.find("://") else {
+        return url.into();
+    };
+    let auth_start = scheme_end + 3;
+    let rest = &url[auth_start..];
+    let auth_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..auth_len].rfind('@') {
+        Some(at) => format!("{}{}", &url[..auth_start], &rest[at + 1..]).into(),
+        None => url.into(),
+    }
+}
+
+fn ser_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(redact_url(u).as_ref()),
+        None => s.serialize_none(),
+    }
+}
+
+mod ts_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use time::format_description::well_known::Rfc3339;
+    use time::{OffsetDateTime, UtcOffset};
+
+    const FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+
+    pub fn format(ts: OffsetDateTime) -> String {
+        ts.to_offset(UtcOffset::UTC)
+            .format(FORMAT)
+            .unwrap_or_else(|_| "0000-00-00T00:00:00.000Z".to_owned())
+    }
+
+    pub fn serialize<S: Serializer>(ts: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*ts))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+        let s = String::deserialize(d)?;
+        OffsetDateTime::parse(&s, &Rfc3339)
+            .map(|t| t.to_offset(UtcOffset::UTC))
+            .map_err(|e| serde::de::Error::custom(format!("bad ts `{s}`: {e}")))
+    }
+}
+
+pub(crate) use ts_serde::format as format_ts;

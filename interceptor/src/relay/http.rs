@@ -1,0 +1,321 @@
+//! HTTP/1.x: each request on a kept-alive connection is judged on its own by its
+//! host, gets the outbound Worker's injections, and is sent on through a pool of
+//! upstream connections; a blocked one gets a 403 and never reaches upstream.
+
+use std::convert::Infallible;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST};
+use hyper::http::uri::{Authority, PathAndQuery};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::body::Metered;
+use super::sniff::Prefixed;
+use super::upstream::{self, Refusal};
+use super::{Connection, RelayContext};
+use crate::logs::{LogEntry, Proto, Verdict};
+use crate::policy::{Action, Decision};
+use crate::resolve::normalize_host;
+
+pub type UpstreamClient = Client<HttpConnector, Metered<Incoming>>;
+type RelayBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+pub fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(10)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
+pub async fn serve(
+    stream: Prefixed<TcpStream>,
+    conn: Connection,
+    ctx: Arc<RelayContext>,
+    shutdown: CancellationToken,
+) {
+    let conn = Arc::new(conn);
+    let service = service_fn(move |req| {
+        let conn = conn.clone();
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle_request(req, &conn, &ctx).await) }
+    });
+    let http = http1::Builder::new()
+        .preserve_header_case(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(http);
+    let result = tokio::select! {
+        result = &mut http => result,
+        () = shutdown.cancelled() => {
+            http.as_mut().graceful_shutdown();
+            http.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("relay http connection: {e}");
+    }
+}
+
+/// The host a request is judged by, and where it goes.
+struct RequestTarget {
+    /// Normalised: lower case, no trailing dot, no brackets.
+    host: String,
+    port: u16,
+    /// As sent on: `host[:port]`.
+    authority: Authority,
+    url: String,
+}
+
+impl RequestTarget {
+    /// The absolute-form URI wins over the Host header (RFC 9112 §3.2.2).
+    fn of(req: &Request<Incoming>, dialled_port: u16) -> Result<Self, &'static str> {
+        let authority = match req.uri().authority() {
+            Some(a) => a.clone(),
+            None => {
+                let host = req
+                    .headers()
+                    .get(HOST)
+                    .ok_or("request without a Host header")?;
+                let host = host.to_str().map_err(|_| "Host header is not ASCII")?;
+                Authority::from_str(host).map_err(|_| "malformed Host header")?
+            }
+        };
+        if authority.as_str().contains('@') {
+            return Err("userinfo in the request target");
+        }
+        let host = normalize_host(authority.host());
+        if host.is_empty() {
+            return Err("empty host");
+        }
+        let port = authority.port_u16().unwrap_or(dialled_port);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(PathAndQuery::as_str)
+            .unwrap_or("/");
+        let url = format!("http://{authority}{path}");
+        Ok(RequestTarget {
+            host,
+            port,
+            authority,
+            url,
+        })
+    }
+}
+
+async fn handle_request(
+    req: Request<Incoming>,
+    conn: &Connection,
+    ctx: &RelayContext,
+) -> Response<RelayBody> {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let target = match RequestTarget::of(&req, conn.dst.port()) {
+        Ok(target) => target,
+        Err(why) => {
+            let decision = Decision {
+                action: Action::Block,
+                rule: "bad-request".to_string(),
+            };
+            let mut entry = conn.entry(Proto::Http, &decision, Verdict::Error);
+            entry.method = Some(method);
+            entry.status = Some(400);
+            finish(ctx, conn, entry, started);
+            return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": why }));
+        }
+    };
+    let policy = &conn.sandbox.tenant.policy;
+    let new_entry = |decision: &Decision, verdict: Verdict| {
+        let mut entry = conn.entry(Proto::Http, decision, verdict);
+        entry.method = Some(method.clone());
+        entry.url = Some(target.url.clone());
+        entry.host = Some(target.host.clone());
+        entry
+    };
+
+    let decision = policy.decide_host(&target.host);
+    if decision.action == Action::Block {
+        return blocked(ctx, conn, new_entry(&decision, Verdict::Block), started, &target);
+    }
+
+    let mut injected = Vec::new();
+    for injection in policy.injections_for(&target.host) {
+        match injection.render(&conn.sandbox.params, SystemTime::now()) {
+            Ok(header) => injected.push(header),
+            Err(e) => {
+                // Never send a half-filled credential: the request stops here.
+                let failed = Decision {
+                    action: Action::Block,
+                    rule: format!("inject:{e}"),
+                };
+                let mut entry = new_entry(&failed, Verdict::Error);
+                entry.status = Some(502);
+                finish(ctx, conn, entry, started);
+                return json(
+                    StatusCode::BAD_GATEWAY,
+                    serde_json::json!({ "error": e.to_string(), "host": target.host }),
+                );
+            }
+        }
+    }
+
+    let upstream = match upstream::choose(
+        &ctx.resolver,
+        policy,
+        &ctx.local,
+        &target.host,
+        target.port,
+    )
+    .await
+    {
+        Ok(addr) => addr,
+        Err(Refusal::Blocked(refused)) => {
+            return blocked(ctx, conn, new_entry(&refused, Verdict::Block), started, &target);
+        }
+        Err(Refusal::Unresolvable(why)) => {
+            let failed = Decision {
+                action: Action::Block,
+                rule: "resolve".to_string(),
+            };
+            let mut entry = new_entry(&failed, Verdict::Error);
+            entry.status = Some(502);
+            finish(ctx, conn, entry, started);
+            return json(
+                StatusCode::BAD_GATEWAY,
+                serde_json::json!({ "error": format!("cannot resolve: {why}"), "host": target.host }),
+            );
+        }
+    };
+
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(HOST, HeaderValue::from_str(target.authority.as_str()).expect("authority is a valid header"));
+    for (name, value) in injected {
+        parts.headers.insert(name, value);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(PathAndQuery::as_str)
+        .unwrap_or("/");
+    parts.uri = match Uri::from_str(&format!("http://{upstream}{path}")) {
+        Ok(uri) => uri,
+        Err(_) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "bad path" })),
+    };
+    parts.version = Version::HTTP_11;
+    let sent = Arc::new(AtomicU64::new(0));
+    let upstream_req = Request::from_parts(parts, Metered::new(body, sent.clone(), None));
+
+    let mut entry = new_entry(&decision, Verdict::Allow);
+    entry.upstream = Some(upstream.to_string());
+    match ctx.http_client.request(upstream_req).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            entry.status = Some(parts.status.as_u16());
+            let recorder = ctx.recorder.clone();
+            let log = conn.log_enabled();
+            let on_end = Box::new(move |received: u64| {
+                entry.bytes_sent = sent.load(Ordering::Relaxed);
+                entry.bytes_received = received;
+                entry.duration_ms = elapsed_ms(started);
+                recorder.record(&entry, log);
+            });
+            let body = Metered::new(body, Arc::new(AtomicU64::new(0)), Some(on_end));
+            Response::from_parts(parts, body.boxed_unsync())
+        }
+        Err(e) => {
+            entry.decision = Verdict::Error;
+            entry.rule = "upstream".to_string();
+            entry.status = Some(502);
+            entry.bytes_sent = sent.load(Ordering::Relaxed);
+            finish(ctx, conn, entry, started);
+            tracing::debug!(%upstream, "upstream request failed: {e:?}");
+            json(
+                StatusCode::BAD_GATEWAY,
+                serde_json::json!({ "error": format!("upstream: {e}"), "host": target.host }),
+            )
+        }
+    }
+}
+
+fn blocked(
+    ctx: &RelayContext,
+    conn: &Connection,
+    mut entry: LogEntry,
+    started: Instant,
+    target: &RequestTarget,
+) -> Response<RelayBody> {
+    entry.status = Some(403);
+    let rule = entry.rule.clone();
+    finish(ctx, conn, entry, started);
+    json(
+        StatusCode::FORBIDDEN,
+        serde_json::json!({ "error": "blocked", "host": target.host, "rule": rule }),
+    )
+}
+
+fn finish(ctx: &RelayContext, conn: &Connection, mut entry: LogEntry, started: Instant) {
+    entry.duration_ms = elapsed_ms(started);
+    ctx.recorder.record(&entry, conn.log_enabled());
+}
+
+pub(super) fn elapsed_ms(started: Instant) -> u64 {
+    started.elapsed().as_millis() as u64
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<RelayBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_str(name.trim()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ] {
+        headers.remove(name);
+    }
+}

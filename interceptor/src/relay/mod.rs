@@ -1,0 +1,149 @@
+//! The relay: every TCP connection the eBPF hooks redirect lands here. Each one is
+//! identified (tenant, original destination), classified from its first bytes,
+//! judged by the tenant's outbound policy, relayed or refused, and recorded.
+
+mod body;
+mod http;
+mod sniff;
+mod stream;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ebpf::DestinationTable;
+use crate::logs::{LogEntry, Proto, Verdict};
+use crate::policy::Decision;
+use crate::record::Recorder;
+use crate::resolve::Resolver;
+use crate::tenants::{Sandbox, SandboxRegistry};
+
+pub use upstream::LocalAddresses;
+
+/// What every connection handler shares.
+pub struct RelayContext {
+    pub destinations: DestinationTable,
+    pub sandboxes: Arc<SandboxRegistry>,
+    pub recorder: Arc<Recorder>,
+    pub resolver: Arc<Resolver>,
+    pub local: LocalAddresses,
+    http_client: http::UpstreamClient,
+}
+
+impl RelayContext {
+    pub fn new(
+        destinations: DestinationTable,
+        sandboxes: Arc<SandboxRegistry>,
+        recorder: Arc<Recorder>,
+        resolver: Arc<Resolver>,
+        local: LocalAddresses,
+    ) -> Arc<Self> {
+        Arc::new(RelayContext {
+            destinations,
+            sandboxes,
+            recorder,
+            resolver,
+            local,
+            http_client: http::upstream_client(),
+        })
+    }
+}
+
+/// One redirected connection, once identified.
+pub(crate) struct Connection {
+    pub sandbox: Arc<Sandbox>,
+    /// What the sandbox dialled.
+    pub dst: SocketAddr,
+    pub pid: u32,
+}
+
+impl Connection {
+    /// A log entry for this connection with what every protocol knows.
+    fn entry(&self, proto: Proto, decision: &Decision, verdict: Verdict) -> LogEntry {
+        let mut entry = LogEntry::new(&self.sandbox.tenant.id.0, proto, self.dst);
+        entry.worker = self.sandbox.worker.clone();
+        entry.pid = Some(self.pid);
+        entry.params = self.sandbox.params.clone();
+        entry.decision = verdict;
+        entry.rule = decision.rule.clone();
+        entry
+    }
+
+    fn log_enabled(&self) -> bool {
+        self.sandbox.tenant.policy.log_enabled()
+    }
+}
+
+/// Accepts until `shutdown`; each connection is a task on `tracker`.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<RelayContext>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let ctx = ctx.clone();
+                let shutdown = shutdown.clone();
+                tracker.spawn(async move { handle(stream, peer, ctx, shutdown).await });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off rather than spin.
+                tracing::warn!("relay accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<RelayContext>,
+    shutdown: CancellationToken,
+) {
+    let started = Instant::now();
+    // Only connections the hooks redirected have a hand-off entry; anything else
+    // (a host process dialling the relay port) is not ours to serve.
+    let Some(original) = ctx.destinations.take_for_relay(peer) else {
+        tracing::debug!(%peer, "connection without a redirect record; closed");
+        return;
+    };
+    let Some(sandbox) = ctx.sandboxes.lookup(original.cgroup_id) else {
+        tracing::warn!(%peer, cgroup_id = original.cgroup_id, "connection from a cgroup outside every tenant; closed");
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let conn = Connection {
+        sandbox,
+        dst: original.socket_addr(),
+        pid: original.pid,
+    };
+    let (protocol, prefix) = match sniff::sniff(&mut stream).await {
+        Ok(sniffed) => sniffed,
+        Err(e) => {
+            tracing::debug!(%peer, "reading first bytes: {e}");
+            return;
+        }
+    };
+    let sni = match protocol {
+        sniff::Protocol::Tls => stream::client_hello_sni(&prefix),
+        _ => None,
+    };
+    let stream = sniff::Prefixed::new(prefix, stream);
+    match protocol {
+        sniff::Protocol::Http => http::serve(stream, conn, ctx, shutdown).await,
+        sniff::Protocol::Tls => stream::relay_tls(stream, conn, ctx, started, sni).await,
+        sniff::Protocol::Opaque => stream::relay_opaque(stream, conn, ctx, started).await,
+    }
+}

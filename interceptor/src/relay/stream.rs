@@ -1,0 +1,149 @@
+//! Byte streams: TLS judged by the ClientHello's SNI and relayed untouched (no
+//! decryption), and any other TCP judged by destination address and port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tls_parser::{
+    parse_tls_extensions, parse_tls_plaintext, SNIType, TlsExtension, TlsMessage,
+    TlsMessageHandshake,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::http::elapsed_ms;
+use super::sniff::Prefixed;
+use super::upstream::{self, Refusal};
+use super::{Connection, RelayContext};
+use crate::logs::{LogEntry, Proto, Verdict};
+use crate::policy::{Action, Decision};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SNI host name of a TLS ClientHello record, if it has one.
+pub fn client_hello_sni(record: &[u8]) -> Option<String> {
+    let (_, plaintext) = parse_tls_plaintext(record).ok()?;
+    let TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)) = plaintext.msg.first()?
+    else {
+        return None;
+    };
+    let (_, extensions) = parse_tls_extensions(hello.ext?).ok()?;
+    extensions.into_iter().find_map(|ext| match ext {
+        TlsExtension::SNI(names) => names
+            .into_iter()
+            .find(|(kind, _)| *kind == SNIType::HostName)
+            .and_then(|(_, name)| std::str::from_utf8(name).ok().map(str::to_ascii_lowercase)),
+        _ => None,
+    })
+}
+
+pub async fn relay_tls(
+    stream: Prefixed<TcpStream>,
+    conn: Connection,
+    ctx: Arc<RelayContext>,
+    started: Instant,
+    hello: Option<String>,
+) {
+    let policy = &conn.sandbox.tenant.policy;
+    let port = conn.dst.port();
+    let (decision, target) = match &hello {
+        Some(sni) => {
+            let decision = policy.decide_host(sni);
+            if decision.action == Action::Block {
+                (decision, None)
+            } else {
+                match upstream::choose(&ctx.resolver, policy, &ctx.local, sni, port).await {
+                    Ok(addr) => (decision, Some(addr)),
+                    Err(Refusal::Blocked(d)) => (d, None),
+                    Err(Refusal::Unresolvable(why)) => {
+                        let mut entry = conn.entry(
+                            Proto::Tls,
+                            &Decision {
+                                action: Action::Block,
+                                rule: "resolve".into(),
+                            },
+                            Verdict::Error,
+                        );
+                        entry.host = Some(sni.clone());
+                        tracing::debug!("tls: cannot resolve {sni}: {why}");
+                        entry.duration_ms = elapsed_ms(started);
+                        ctx.recorder.record(&entry, conn.log_enabled());
+                        return;
+                    }
+                }
+            }
+        }
+        // Without SNI there is no host to judge: the dialled address is all we have.
+        None => judge_address(&conn, &ctx),
+    };
+    let mut entry = conn.entry(Proto::Tls, &decision, Verdict::Allow);
+    entry.host = hello;
+    pipe(stream, &conn, &ctx, entry, target, started).await;
+}
+
+pub async fn relay_opaque(
+    stream: Prefixed<TcpStream>,
+    conn: Connection,
+    ctx: Arc<RelayContext>,
+    started: Instant,
+) {
+    let (decision, target) = judge_address(&conn, &ctx);
+    let entry = conn.entry(Proto::Tcp, &decision, Verdict::Allow);
+    pipe(stream, &conn, &ctx, entry, target, started).await;
+}
+
+/// Judges the dialled address itself; `Some` address when it may be connected to.
+fn judge_address(conn: &Connection, ctx: &RelayContext) -> (Decision, Option<SocketAddr>) {
+    let policy = &conn.sandbox.tenant.policy;
+    let dst = SocketAddr::new(upstream::canonical(conn.dst.ip()), conn.dst.port());
+    if let Some(refused) = upstream::refuse_address(policy, &ctx.local, dst) {
+        return (refused, None);
+    }
+    let decision = policy.decide_opaque(dst.ip(), dst.port());
+    let target = (decision.action == Action::Allow).then_some(dst);
+    (decision, target)
+}
+
+/// Connects to `target` (or refuses when `None`) and copies bytes both ways until
+/// either side closes; records the outcome.
+async fn pipe<S: AsyncRead + AsyncWrite + Unpin>(
+    mut client: S,
+    conn: &Connection,
+    ctx: &RelayContext,
+    mut entry: LogEntry,
+    target: Option<SocketAddr>,
+    started: Instant,
+) {
+    let Some(target) = target else {
+        entry.decision = Verdict::Block;
+        entry.duration_ms = elapsed_ms(started);
+        ctx.recorder.record(&entry, conn.log_enabled());
+        return;
+    };
+    entry.upstream = Some(target.to_string());
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await;
+    let mut server = match connected {
+        Ok(Ok(server)) => server,
+        Ok(Err(e)) => return fail(ctx, conn, entry, started, &e.to_string()),
+        Err(_) => return fail(ctx, conn, entry, started, "connect timed out"),
+    };
+    let _ = server.set_nodelay(true);
+    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        Ok((sent, received)) => {
+            entry.bytes_sent = sent;
+            entry.bytes_received = received;
+        }
+        Err(e) => tracing::debug!(%target, "relay stream ended: {e}"),
+    }
+    entry.duration_ms = elapsed_ms(started);
+    ctx.recorder.record(&entry, conn.log_enabled());
+}
+
+fn fail(ctx: &RelayContext, conn: &Connection, mut entry: LogEntry, started: Instant, why: &str) {
+    tracing::debug!(upstream = ?entry.upstream, "relay connect failed: {why}");
+    entry.decision = Verdict::Error;
+    entry.rule = "upstream".to_string();
+    entry.duration_ms = elapsed_ms(started);
+    ctx.recorder.record(&entry, conn.log_enabled());
+}

@@ -1,0 +1,471 @@
+//! End to end: a real daemon, real eBPF programs, real sandboxed processes
+//! (curl, python) started with `interceptor exec`, and real upstream servers on
+//! loopback addresses. Each test asserts on what the upstreams received and on
+//! the tenant's log.
+
+use std::time::Duration;
+
+use interceptor_tests::*;
+use serde_json::Value;
+
+const JWT_KEY: &str = "test-secret-for-hs256";
+
+const CONFIG: &str = r#"
+[resolve]
+"api.test" = ["127.0.0.2"]
+"tls.test" = ["127.0.0.2"]
+"blocked.test" = ["127.0.0.2"]
+"metadata.test" = ["169.254.169.254"]
+"v6.test" = ["::1"]
+
+[tenants.acme]
+outbound = "egress"
+params = { customer_name = "acme" }
+
+[outbound.egress]
+default = "allow"
+block = ["blocked.test", "*.evil.test"]
+allow_cidrs = ["127.0.0.2/32", "127.0.0.3/32", "::1/128"]
+
+[[outbound.egress.inject]]
+host = "api.test"
+header = "Authorization"
+jwt = { algorithm = "HS256", key_file = "{dir}/jwt.key", ttl_seconds = 300, claims = { sub = "{customer_name}" } }
+"#;
+
+fn daemon() -> Daemon {
+    Daemon::start_with(CONFIG, &[("jwt.key", JWT_KEY)])
+}
+
+/// curl in the tenant's sandbox; returns (exit code, body, HTTP status).
+fn curl(d: &Daemon, params: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let mut cmd = vec!["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+    cmd.extend_from_slice(args);
+    let out = d.exec("acme", params, &cmd);
+    let text = stdout(&out);
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        out.status.code().unwrap_or(-1),
+        body.to_string(),
+        status.to_string(),
+    )
+}
+
+fn claims_of(authorization: &str) -> Value {
+    let token = authorization
+        .strip_prefix("Bearer ")
+        .expect("Bearer token");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.required_spec_claims.clear();
+    jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(JWT_KEY.as_bytes()),
+        &validation,
+    )
+    .expect("the upstream verifies the JWT with the key")
+    .claims
+}
+
+#[test]
+fn http_is_judged_by_host_gets_a_jwt_and_is_logged() {
+    if !privileged("http_is_judged_by_host_gets_a_jwt_and_is_logged") {
+        return;
+    }
+    let api = Upstream::start("127.0.0.2:0");
+    let port = api.port();
+    let d = daemon();
+    let resolve = format!("api.test:{port}:127.0.0.2");
+    let url = format!("http://api.test:{port}/hello?x=1");
+
+    let (code, body, status) = curl(&d, &[], &["--resolve", &resolve, &url]);
+    assert_eq!((code, status.as_str()), (0, "200"), "{body}");
+    assert!(body.starts_with("hello from"), "{body}");
+    let seen = api.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/hello?x=1");
+    let claims = claims_of(seen[0].header("authorization").expect("JWT injected"));
+    assert_eq!(claims["sub"], "acme");
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        300
+    );
+
+    // --param overrides the tenant's parameter for this run only.
+    let (_, _, status) = curl(&d, &[("customer_name", "globex")], &["--resolve", &resolve, &url]);
+    assert_eq!(status, "200");
+    let claims = claims_of(api.requests()[1].header("authorization").unwrap());
+    assert_eq!(claims["sub"], "globex");
+
+    // A credential the sandbox sends itself is replaced, not kept.
+    let (_, _, status) = curl(
+        &d,
+        &[],
+        &["--resolve", &resolve, "-H", "Authorization: Bearer forged", &url],
+    );
+    assert_eq!(status, "200");
+    let auth = api.requests()[2].header("authorization").unwrap().to_string();
+    assert_ne!(auth, "Bearer forged");
+    claims_of(&auth);
+
+    // A blocked host gets 403 with a JSON body and never reaches upstream.
+    let blocked = format!("blocked.test:{port}:127.0.0.2");
+    let (_, body, status) = curl(
+        &d,
+        &[],
+        &["--resolve", &blocked, &format!("http://blocked.test:{port}/x")],
+    );
+    assert_eq!(status, "403");
+    let body: Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(body["error"], "blocked");
+    assert_eq!(body["host"], "blocked.test");
+    assert_eq!(body["rule"], "block:blocked.test");
+    assert_eq!(api.requests().len(), 3, "the blocked request reached upstream");
+
+    let allowed = d.wait_for_log("acme", |e| e["url"] == format!("http://api.test:{port}/hello?x=1"));
+    assert_eq!(allowed["tenant"], "acme");
+    assert_eq!(allowed["proto"], "http");
+    assert_eq!(allowed["method"], "GET");
+    assert_eq!(allowed["host"], "api.test");
+    assert_eq!(allowed["dst"], format!("127.0.0.2:{port}"));
+    assert_eq!(allowed["upstream"], format!("127.0.0.2:{port}"));
+    assert_eq!(allowed["decision"], "allow");
+    assert_eq!(allowed["status"], 200);
+    assert!(allowed["pid"].as_u64().unwrap() > 0);
+    assert!(allowed["bytes_received"].as_u64().unwrap() > 0);
+    assert_eq!(allowed["params"]["customer_name"], "acme");
+    assert!(allowed["ts"].as_str().unwrap().contains('T'));
+    let blocked = d.wait_for_log("acme", |e| e["host"] == "blocked.test");
+    assert_eq!(blocked["decision"], "block");
+    assert_eq!(blocked["rule"], "block:blocked.test");
+    assert_eq!(blocked["status"], 403);
+    let log_text = std::fs::read_to_string(d.log_dir.join("acme.jsonl")).unwrap();
+    assert!(!log_text.contains("Bearer"), "a credential was logged");
+}
+
+#[test]
+fn a_spoofed_host_header_never_carries_the_credential_to_the_dialled_ip() {
+    if !privileged("a_spoofed_host_header_never_carries_the_credential_to_the_dialled_ip") {
+        return;
+    }
+    let api = Upstream::start("127.0.0.2:0");
+    let port = api.port();
+    let attacker = Upstream::start(&format!("127.0.0.3:{port}"));
+    let d = daemon();
+    let (_, body, status) = curl(
+        &d,
+        &[],
+        &["-H", "Host: api.test", &format!("http://127.0.0.3:{port}/steal")],
+    );
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(attacker.connections(), 0, "the relay connected to the dialled IP");
+    let seen = api.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/steal");
+    claims_of(seen[0].header("authorization").unwrap());
+    let entry = d.wait_for_log("acme", |e| e["url"] == "http://api.test/steal");
+    assert_eq!(entry["dst"], format!("127.0.0.3:{port}"));
+    assert_eq!(entry["upstream"], format!("127.0.0.2:{port}"));
+}
+
+#[test]
+fn guarded_ranges_are_refused_however_they_are_reached() {
+    if !privileged("guarded_ranges_are_refused_however_they_are_reached") {
+        return;
+    }
+    let private = EchoServer::start("127.0.0.5:0");
+    let port = private.addr.port();
+    let d = daemon();
+
+    let (_, body, status) = curl(&d, &[], &[&format!("http://127.0.0.5:{port}/")]);
+    assert_eq!(status, "403", "{body}");
+    assert!(body.contains("guarded"), "{body}");
+
+    // A name that resolves to the metadata address: judged by what the relay resolves.
+    let (_, body, status) = curl(
+        &d,
+        &[],
+        &["--resolve", &format!("metadata.test:{port}:127.0.0.2"), &format!("http://metadata.test:{port}/latest")],
+    );
+    assert_eq!(status, "403", "{body}");
+    assert!(body.contains("guarded"), "{body}");
+
+    // IPv4-mapped IPv6 forms, over HTTP and as opaque TCP.
+    let (_, body, status) = curl(&d, &[], &[&format!("http://[::ffff:127.0.0.5]:{port}/")]);
+    assert_eq!(status, "403", "{body}");
+    let out = d.python(
+        "acme",
+        &format!(
+            "import socket\ns=socket.socket(socket.AF_INET6)\ns.connect(('::ffff:127.0.0.5',{port}))\n\
+             s.sendall(b'\\x00\\x01raw')\ns.settimeout(3)\n\
+             try:\n  print('got', s.recv(10))\nexcept Exception as e:\n  print('error', e)\n"
+        ),
+    );
+    assert!(!stdout(&out).contains("raw"), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(private.connections(), 0, "a guarded address was reached");
+    d.wait_for_log("acme", |e| {
+        e["proto"] == "tcp" && e["decision"] == "block" && e["rule"].as_str().unwrap_or("").starts_with("guarded")
+    });
+}
+
+#[test]
+fn ipv6_and_kept_alive_connections_with_two_hosts() {
+    if !privileged("ipv6_and_kept_alive_connections_with_two_hosts") {
+        return;
+    }
+    let v6 = Upstream::start("[::1]:0");
+    let api = Upstream::start("127.0.0.2:0");
+    let d = daemon();
+
+    let (_, body, status) = curl(&d, &[], &[&format!("http://[::1]:{}/six", v6.port())]);
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(v6.requests()[0].uri, "/six");
+    let entry = d.wait_for_log("acme", |e| e["url"].as_str().unwrap_or("").ends_with("/six"));
+    assert_eq!(entry["dst"], format!("[::1]:{}", v6.port()));
+
+    // Two requests on one connection, each judged by its own Host.
+    let script = format!(
+        "import http.client\nc=http.client.HTTPConnection('127.0.0.2',{port},timeout=5)\n\
+         c.request('GET','/first',headers={{'Host':'api.test'}})\nr=c.getresponse();r.read()\n\
+         print('first', r.status)\nlocal=c.sock.getsockname()\n\
+         c.request('GET','/second',headers={{'Host':'blocked.test'}})\nr=c.getresponse();r.read()\n\
+         print('second', r.status)\nprint('same', c.sock.getsockname()==local)\n",
+        port = api.port()
+    );
+    let out = d.python("acme", &script);
+    let printed = stdout(&out);
+    assert!(printed.contains("first 200"), "{}", text(&out));
+    assert!(printed.contains("second 403"), "{}", text(&out));
+    assert!(printed.contains("same True"), "{}", text(&out));
+    assert_eq!(api.requests().len(), 1);
+    assert_eq!(api.requests()[0].uri, "/first");
+}
+
+#[test]
+fn tls_is_judged_by_sni_and_relayed_untouched() {
+    if !privileged("tls_is_judged_by_sni_and_relayed_untouched") {
+        return;
+    }
+    let (tls, pem) = Upstream::start_tls("127.0.0.2:0", &["tls.test", "blocked.test"]);
+    let port = tls.port();
+    let d = daemon();
+    let ca = d.dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let ca = ca.display().to_string();
+
+    let (code, body, status) = curl(
+        &d,
+        &[],
+        &["--cacert", &ca, "--resolve", &format!("tls.test:{port}:127.0.0.2"), &format!("https://tls.test:{port}/secure")],
+    );
+    assert_eq!((code, status.as_str()), (0, "200"), "{body}");
+    assert_eq!(tls.requests()[0].uri, "/secure");
+    // Bytes relayed untouched: no injection happens inside TLS.
+    assert!(tls.requests()[0].header("authorization").is_none());
+
+    let before = tls.connections();
+    let (code, _, _) = curl(
+        &d,
+        &[],
+        &["--cacert", &ca, "--resolve", &format!("blocked.test:{port}:127.0.0.2"), &format!("https://blocked.test:{port}/")],
+    );
+    assert_ne!(code, 0, "a blocked SNI got through");
+    assert_eq!(tls.connections(), before, "a blocked SNI reached upstream");
+
+    let entry = d.wait_for_log("acme", |e| e["proto"] == "tls" && e["host"] == "tls.test");
+    assert_eq!(entry["decision"], "allow");
+    assert!(entry["bytes_sent"].as_u64().unwrap() > 0);
+    let entry = d.wait_for_log("acme", |e| e["proto"] == "tls" && e["host"] == "blocked.test");
+    assert_eq!(entry["decision"], "block");
+}
+
+#[test]
+fn opaque_tcp_is_relayed_and_udp_other_than_dns_never_leaves() {
+    if !privileged("opaque_tcp_is_relayed_and_udp_other_than_dns_never_leaves") {
+        return;
+    }
+    let echo = EchoServer::start("127.0.0.2:0");
+    let sink = UdpSink::start("127.0.0.2:0");
+    let d = daemon();
+    let script = format!(
+        "import socket\ns=socket.create_connection(('127.0.0.2',{}),timeout=5)\n\
+         s.sendall(b'\\x00\\x01ping')\nprint('echo', s.recv(100))\nprint('peer', s.getpeername())\n\
+         u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         try:\n  u.sendto(b'quic',('127.0.0.2',{udp}))\n  print('udp sent')\nexcept OSError as e:\n  print('udp refused', e.errno)\n\
+         try:\n  u.connect(('127.0.0.2',{udp}))\n  u.send(b'quic')\n  print('udp sent')\nexcept OSError as e:\n  print('udp refused', e.errno)\n\
+         v=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
+         try:\n  v.sendto(b'quic',('::ffff:127.0.0.2',{udp}))\n  print('udp sent')\nexcept OSError as e:\n  print('udp refused', e.errno)\n",
+        echo.addr.port(),
+        udp = sink.addr.port()
+    );
+    let out = d.python("acme", &script);
+    let printed = stdout(&out);
+    assert!(printed.contains("echo b'\\x00\\x01ping'"), "{}", text(&out));
+    assert!(printed.contains(&format!("peer ('127.0.0.2', {})", echo.addr.port())), "{}", text(&out));
+    assert!(!printed.contains("udp sent"), "{}", text(&out));
+    assert_eq!(printed.matches("udp refused").count(), 3, "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(sink.received.lock().unwrap().is_empty(), "a UDP datagram got out");
+    let entry = d.wait_for_log("acme", |e| e["proto"] == "tcp" && e["decision"] == "allow");
+    assert_eq!(entry["dst"], echo.addr.to_string());
+    assert_eq!(entry["bytes_sent"], 6);
+}
+
+/// A DNS query for `name` (type A) sent from the sandbox to 127.0.0.53:53;
+/// prints the reply's rcode, answer count and source address.
+fn dns_script(name: &str) -> String {
+    format!(
+        "import socket,struct\nq=struct.pack('>HHHHHH',0x1234,0x0100,1,0,0,0)\n\
+         q+=b''.join(bytes([len(p)])+p.encode() for p in '{name}'.split('.'))+b'\\x00'+struct.pack('>HH',1,1)\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(5)\ns.sendto(q,('127.0.0.53',53))\n\
+         r,src=s.recvfrom(512)\nprint('id', hex(struct.unpack('>H',r[:2])[0]))\n\
+         print('rcode', r[3]&15)\nprint('answers', struct.unpack('>H',r[6:8])[0])\nprint('src', src)\n\
+         print('addr', '.'.join(str(b) for b in r[-4:]))\n"
+    )
+}
+
+#[test]
+fn dns_answers_from_the_policy_and_logs_every_query() {
+    if !privileged("dns_answers_from_the_policy_and_logs_every_query") {
+        return;
+    }
+    let d = daemon();
+    let out = d.python("acme", &dns_script("blocked.test"));
+    let kv = key_values(&stdout(&out).replace(' ', "="));
+    assert_eq!(kv.get("rcode").map(String::as_str), Some("3"), "{}", text(&out));
+    assert_eq!(kv.get("id").map(String::as_str), Some("0x1234"));
+    assert_eq!(kv.get("src").map(String::as_str), Some("('127.0.0.53',=53)"), "{}", text(&out));
+
+    let out = d.python("acme", &dns_script("api.test"));
+    let kv = key_values(&stdout(&out).replace(' ', "="));
+    assert_eq!(kv.get("rcode").map(String::as_str), Some("0"), "{}", text(&out));
+    assert_eq!(kv.get("answers").map(String::as_str), Some("1"));
+    assert_eq!(kv.get("addr").map(String::as_str), Some("127.0.0.2"));
+
+    let entry = d.wait_for_log("acme", |e| e["proto"] == "dns" && e["host"] == "blocked.test");
+    assert_eq!(entry["decision"], "block");
+    assert_eq!(entry["dst"], "127.0.0.53:53");
+    let entry = d.wait_for_log("acme", |e| e["proto"] == "dns" && e["host"] == "api.test");
+    assert_eq!(entry["decision"], "allow");
+}
+
+#[test]
+fn dialling_the_relay_itself_is_still_judged_and_outsiders_get_nothing() {
+    if !privileged("dialling_the_relay_itself_is_still_judged_and_outsiders_get_nothing") {
+        return;
+    }
+    let d = daemon();
+    let relay = d.relay_port;
+    let out = d.python(
+        "acme",
+        &format!(
+            "import http.client\nc=http.client.HTTPConnection('127.0.0.1',{relay},timeout=5)\n\
+             c.request('GET','/',headers={{'Host':'blocked.test'}})\nprint('status', c.getresponse().status)\n"
+        ),
+    );
+    assert!(stdout(&out).contains("status 403"), "{}", text(&out));
+    // Opaque bytes to the relay port: judged by address (loopback), refused.
+    let out = d.python(
+        "acme",
+        &format!(
+            "import socket\ns=socket.create_connection(('127.0.0.1',{relay}),timeout=5)\ns.sendall(b'\\x00hi')\n\
+             print('got', s.recv(10))\n"
+        ),
+    );
+    assert!(stdout(&out).contains("got b''"), "{}", text(&out));
+
+    // A process outside every sandbox that dials the relay gets nothing served.
+    use std::io::{Read, Write};
+    let mut s = connect_direct(format!("127.0.0.1:{relay}").parse().unwrap()).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(buf.is_empty(), "the relay served a connection that was not redirected");
+}
+
+#[test]
+fn the_sandbox_cannot_leave_its_cgroup_gain_privileges_or_reach_the_admin_socket() {
+    if !privileged("the_sandbox_cannot_leave_its_cgroup_gain_privileges_or_reach_the_admin_socket") {
+        return;
+    }
+    let d = daemon();
+    let mount = cgroup2_mount();
+    let script = format!(
+        "import os,socket\nprint('uid', os.getuid())\n\
+         print('nnp', [l.split()[1] for l in open('/proc/self/status') if l.startswith('NoNewPrivs')][0])\n\
+         for target in ['{root}/cgroup.procs', '{parent}/cgroup.procs', '{tenant}/cgroup.procs']:\n\
+         \x20 try:\n    open(target,'w').write(str(os.getpid()))\n    print('moved', target)\n\
+         \x20 except OSError as e:\n    print('refused', e.errno)\n\
+         print('cgroup', open('/proc/self/cgroup').read().strip())\n\
+         try:\n  s=socket.socket(socket.AF_UNIX)\n  s.connect('{admin}')\n  print('admin reached')\n\
+         except OSError as e:\n  print('admin refused', e.errno)\n\
+         try:\n  socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n  print('raw socket')\n\
+         except OSError as e:\n  print('raw refused', e.errno)\n",
+        root = mount.display(),
+        parent = d.cgroup.display(),
+        tenant = d.cgroup.join("acme").display(),
+        admin = d.admin_socket.display(),
+    );
+    let out = d.python("acme", &script);
+    let printed = stdout(&out);
+    assert!(printed.contains("uid 65534"), "{}", text(&out));
+    assert!(printed.contains("nnp 1"), "{}", text(&out));
+    assert!(!printed.contains("moved"), "{}", text(&out));
+    assert_eq!(printed.matches("refused 13").count(), 3, "{}", text(&out));
+    assert!(printed.contains("admin refused"), "{}", text(&out));
+    assert!(printed.contains("raw refused"), "{}", text(&out));
+    let cgroup_name = d.cgroup.file_name().unwrap().to_str().unwrap();
+    assert!(printed.contains(&format!("/{cgroup_name}/acme/exec-")), "{}", text(&out));
+}
+
+#[test]
+fn sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over() {
+    if !privileged("sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over") {
+        return;
+    }
+    let api = Upstream::start("127.0.0.2:0");
+    let port = api.port();
+    let mut d = daemon();
+    let go = d.dir.path().join("go");
+    let script = format!(
+        "import os,socket,time\nwhile not os.path.exists('{go}'): time.sleep(0.02)\n\
+         try:\n  socket.create_connection(('127.0.0.2',{port}),timeout=3)\n  print('connected')\n\
+         except OSError as e:\n  print('failed', e)\n",
+        go = go.display()
+    );
+    let waiting = d
+        .exec_command("acme", &[], &["python3", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    d.stop_with(libc::SIGKILL);
+    std::fs::write(&go, "").unwrap();
+    let out = waiting.wait_with_output().unwrap();
+    assert!(stdout(&out).contains("failed"), "{}", text(&out));
+    assert_eq!(api.connections(), 0, "a connection went out while the daemon was dead");
+
+    d.spawn();
+    let (_, body, status) = curl(
+        &d,
+        &[],
+        &["--resolve", &format!("api.test:{port}:127.0.0.2"), &format!("http://api.test:{port}/again")],
+    );
+    assert_eq!(status, "200", "{body}");
+    // The restarted daemon replaced its predecessor's programs instead of stacking.
+    let out = std::process::Command::new(interceptor_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let connect4 = status["attached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"].as_str().unwrap_or("").starts_with("icpt_connect4"))
+        .count();
+    assert_eq!(connect4, 1, "{status:#}");
+    assert!(status["tenants"]["acme"]["allowed"].as_u64().unwrap() >= 1);
+}
