@@ -24,7 +24,9 @@ pub enum Request {
         params: BTreeMap<String, String>,
     },
     /// The exec finished: remove its cgroup.
-    ExecClose { cgroup: PathBuf },
+    ExecClose {
+        cgroup: PathBuf,
+    },
     Status,
 }
 
@@ -39,7 +41,10 @@ pub enum Reply {
     Done,
     Status(Box<Status>),
     /// `usage` marks errors in what the caller asked (exit 2), like an unknown tenant.
-    Error { message: String, usage: bool },
+    Error {
+        message: String,
+        usage: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,12 +151,11 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>, shutdown: 
 /// Sends one request to the daemon and waits for its reply (blocking; for the CLI).
 pub fn call(path: &Path, request: &Request) -> Result<Reply, AdminError> {
     use std::io::{BufRead, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
-        AdminError::NotRunning {
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| AdminError::NotRunning {
             path: path.to_path_buf(),
             source,
-        }
-    })?;
+        })?;
     let io_err = |source| AdminError::Io {
         path: path.to_path_buf(),
         source,

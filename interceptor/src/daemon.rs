@@ -17,11 +17,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AttachedProgramStatus, Handler, Reply, Request, Status};
 use crate::cli::{DaemonPointer, POINTER_FILE};
-use crate::config::{Config, OutboundConfig};
+use crate::config::Config;
 use crate::dns::{self, DnsContext};
 use crate::ebpf::{self, Enforcement, RedirectTargets};
 use crate::logs::LogWriter;
-use crate::policy::{Action, OutboundPolicy};
+use crate::policy::OutboundPolicy;
 use crate::record::Recorder;
 use crate::relay::{self, LocalAddresses, RelayContext};
 use crate::resolve::Resolver;
@@ -79,15 +79,13 @@ async fn listen_udp(what: &'static str, addr: SocketAddr) -> Result<UdpSocket, D
         .map_err(|source| DaemonError::Listen { what, addr, source })
 }
 
-fn ipv6_loopback(port: u16) -> SocketAddr {
-    SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0))
-}
-
 fn v4(addr: SocketAddr) -> SocketAddrV4 {
     match addr {
         SocketAddr::V4(a) => a,
         SocketAddr::V6(a) => SocketAddrV4::new(
-            a.ip().to_ipv4_mapped().unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+            a.ip()
+                .to_ipv4_mapped()
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST),
             a.port(),
         ),
     }
@@ -129,15 +127,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         .map(|(name, policy)| (name, Arc::new(policy)))
         .collect();
     // A tenant that names no outbound Worker: allowed out, guarded ranges still refused.
-    let allow_all = Arc::new(OutboundPolicy::from_config(&OutboundConfig {
-        name: String::new(),
-        default: Action::Allow,
-        allow: Vec::new(),
-        block: Vec::new(),
-        allow_cidrs: Vec::new(),
-        log: true,
-        inject: Vec::new(),
-    })?);
+    let allow_all = Arc::new(OutboundPolicy::default());
     let tenants = config
         .tenants
         .iter()
@@ -155,9 +145,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
 
     // Bind first: a port in use fails the start before the kernel is touched.
     let relay_v4 = SocketAddr::V4(v4(settings.relay));
-    let relay_v6 = ipv6_loopback(settings.relay.port());
+    let relay_v6 = settings.relay_v6();
     let dns_v4 = SocketAddr::V4(v4(settings.dns));
-    let dns_v6 = ipv6_loopback(settings.dns.port());
+    let dns_v6 = settings.dns_v6();
     let relay_listeners = [
         listen_tcp("relay", relay_v4)?,
         listen_tcp("relay", relay_v6)?,
@@ -271,7 +261,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     tracing::info!("shutting down: finishing in-flight requests");
     shutdown.cancel();
     tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight connections still open after {DRAIN_TIMEOUT:?}; closing them");
     }
     recorder.flush();

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
         command => match cli::run_command(command) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("interceptor: {e}");
+                eprintln!("{e}");
                 e.code
             }
         },

@@ -63,7 +63,10 @@ mod tests {
 
     #[tokio::test]
     async fn static_entries_and_literals() {
-        let r = Resolver::new([("API.example.com.".to_string(), vec!["127.0.0.2".parse().unwrap()])]);
+        let r = Resolver::new([(
+            "API.example.com.".to_string(),
+            vec!["127.0.0.2".parse().unwrap()],
+        )]);
         assert_eq!(
             r.resolve("api.EXAMPLE.com").await.unwrap(),
             vec!["127.0.0.2".parse::<IpAddr>().unwrap()]

@@ -100,8 +100,11 @@ impl Daemon {
     pub fn start_with(rest: &str, files: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         // The sandbox user reads test files (CA certificates, scripts) from here.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).unwrap();
         }
@@ -137,6 +140,7 @@ impl Daemon {
 
     /// Starts (again) the daemon process on this config and waits until it serves.
     pub fn spawn(&mut self) {
+        self.stderr.lock().unwrap().clear();
         let mut child = Command::new(interceptor_bin())
             .args(["run", "--config"])
             .arg(&self.config)
@@ -156,7 +160,10 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.stderr.lock().unwrap().contains("interceptor ready") {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited with {status}:\n{}", self.stderr.lock().unwrap());
+                panic!(
+                    "daemon exited with {status}:\n{}",
+                    self.stderr.lock().unwrap()
+                );
             }
             assert!(Instant::now() < deadline, "daemon did not become ready");
             thread::sleep(Duration::from_millis(20));

@@ -60,7 +60,10 @@ impl Upstream {
         .with_single_cert(vec![cert.cert.der().clone()], key)
         .unwrap();
         (
-            Self::start_inner(addr, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))),
+            Self::start_inner(
+                addr,
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            ),
             pem,
         )
     }
@@ -91,7 +94,11 @@ impl Upstream {
                             let sink = sink.clone();
                             async move {
                                 let (parts, body) = req.into_parts();
-                                let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
                                 let path = parts.uri.path().to_string();
                                 sink.lock().unwrap().push(RecordedRequest {
                                     method: parts.method.to_string(),

@@ -37,19 +37,32 @@ fn check_points_at_file_line_and_column() {
     std::fs::write(&bad, "[interceptor]\nrelay = \n").unwrap();
     let out = interceptor(&["check", "--config", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).starts_with(&format!("{}:2:", bad.display())), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with(&format!("{}:2:", bad.display())),
+        "{}",
+        stderr(&out)
+    );
 
     std::fs::write(&bad, "[interceptor]\nrelya = \"127.0.0.1:1\"\n").unwrap();
     let out = interceptor(&["check", "--config", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).starts_with(&format!("{}:2:1:", bad.display())), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with(&format!("{}:2:1:", bad.display())),
+        "{}",
+        stderr(&out)
+    );
 
     let out = interceptor(&["check", "--config", "/nonexistent/interceptor.toml"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("/nonexistent/interceptor.toml"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/interceptor.toml"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
 
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/interceptor.toml");
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/interceptor.toml");
     let out = interceptor(&["check", "--config", example.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
@@ -66,12 +79,26 @@ fn exec_without_a_daemon_or_with_an_unknown_tenant_fails_cleanly() {
         ),
     )
     .unwrap();
-    let out = interceptor(&["exec", "--config", config.to_str().unwrap(), "--tenant", "acme", "--", "true"]);
+    let out = interceptor(&[
+        "exec",
+        "--config",
+        config.to_str().unwrap(),
+        "--tenant",
+        "acme",
+        "--",
+        "true",
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("not running"), "{}", stderr(&out));
     assert_eq!(stderr(&out).lines().count(), 1);
 
-    let out = interceptor(&["logs", "--tenant", "nobody-here", "--config", config.to_str().unwrap()]);
+    let out = interceptor(&[
+        "logs",
+        "--tenant",
+        "nobody-here",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     assert_ne!(out.status.code(), Some(0));
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
 
@@ -79,10 +106,28 @@ fn exec_without_a_daemon_or_with_an_unknown_tenant_fails_cleanly() {
         return;
     }
     let d = Daemon::start("[tenants.acme]\n");
-    let out = interceptor(&["exec", "--config", d.config.to_str().unwrap(), "--tenant", "ghost", "--", "true"]);
+    let out = interceptor(&[
+        "exec",
+        "--config",
+        d.config.to_str().unwrap(),
+        "--tenant",
+        "ghost",
+        "--",
+        "true",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("ghost"), "{}", stderr(&out));
-    let out = interceptor(&["exec", "--config", d.config.to_str().unwrap(), "--tenant", "acme", "--", "sh", "-c", "exit 7"]);
+    let out = interceptor(&[
+        "exec",
+        "--config",
+        d.config.to_str().unwrap(),
+        "--tenant",
+        "acme",
+        "--",
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
 
     // A second daemon on the same ports fails with one line naming the cause.

@@ -41,9 +41,10 @@ pub fn run(
     let (cgroup, uid, gid) = match reply {
         Reply::Sandbox { cgroup, uid, gid } => (cgroup, uid, gid),
         Reply::Error { message, usage } => {
-            return Err(CliError {
-                code: if usage { 2 } else { 1 },
-                message,
+            return Err(if usage {
+                CliError::usage(message)
+            } else {
+                CliError::failure(message)
             })
         }
         other => return Err(CliError::failure(format!("unexpected reply {other:?}"))),
@@ -55,7 +56,12 @@ pub fn run(
     result
 }
 
-fn spawn_and_wait(cgroup: &Path, uid: u32, gid: u32, command: &[OsString]) -> Result<i32, CliError> {
+fn spawn_and_wait(
+    cgroup: &Path,
+    uid: u32,
+    gid: u32,
+    command: &[OsString],
+) -> Result<i32, CliError> {
     let procs_path = cgroup.join("cgroup.procs");
     // Opened as root before dropping privileges: cgroup v2 checks the opener's
     // credentials, so the child can move itself in after becoming the sandbox user.
@@ -81,15 +87,25 @@ fn spawn_and_wait(cgroup: &Path, uid: u32, gid: u32, command: &[OsString]) -> Re
                 return Err(std::io::Error::last_os_error());
             }
             // Whatever descriptors this CLI inherited stay out of the sandbox.
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }
     let mut child = cmd.spawn().map_err(|e| {
-        let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+        let code = if e.kind() == std::io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        };
         CliError {
             code,
             message: format!("cannot run {}: {e}", command[0].to_string_lossy()),
+            bare: false,
         }
     })?;
     let _ = procs.flush();
@@ -100,8 +116,14 @@ fn spawn_and_wait(cgroup: &Path, uid: u32, gid: u32, command: &[OsString]) -> Re
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-        libc::signal(libc::SIGTERM, forward_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGHUP, forward_signal as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGTERM,
+            forward_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGHUP,
+            forward_signal as *const () as libc::sighandler_t,
+        );
     }
     let status = child
         .wait()

@@ -26,7 +26,7 @@ pub struct Located {
 
 pub fn locate(config: Option<&Path>) -> Result<Located, CliError> {
     if let Some(path) = config {
-        let config = crate::config::load(path).map_err(|e| CliError::usage(e.to_string()))?;
+        let config = crate::config::load(path).map_err(CliError::config)?;
         return Ok(Located {
             admin_socket: config.interceptor.admin_socket.clone(),
             log_dir: config.interceptor.log_dir.clone(),

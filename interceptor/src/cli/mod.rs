@@ -17,7 +17,11 @@ use crate::logs::{self, LogQuery, Verdict};
 pub use locate::{DaemonPointer, POINTER_FILE};
 
 #[derive(Parser, Debug)]
-#[command(name = "interceptor", version, about = "Kernel-enforced egress control for multi-tenant code")]
+#[command(
+    name = "interceptor",
+    version,
+    about = "Kernel-enforced egress control for multi-tenant code"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -80,6 +84,9 @@ pub enum Command {
 pub struct CliError {
     pub code: i32,
     pub message: String,
+    /// Configuration errors are printed as they are (`FILE:LINE:COL: message`),
+    /// everything else after `interceptor: `.
+    pub bare: bool,
 }
 
 impl CliError {
@@ -87,6 +94,7 @@ impl CliError {
         CliError {
             code: 2,
             message: message.into(),
+            bare: false,
         }
     }
 
@@ -94,13 +102,26 @@ impl CliError {
         CliError {
             code: 1,
             message: message.into(),
+            bare: false,
+        }
+    }
+
+    pub fn config(error: crate::config::ConfigError) -> Self {
+        CliError {
+            code: 2,
+            message: error.to_string(),
+            bare: true,
         }
     }
 }
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        if self.bare {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "interceptor: {}", self.message)
+        }
     }
 }
 
@@ -165,8 +186,11 @@ pub fn run_command(command: Command) -> Result<i32, CliError> {
             };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
-            logs::print_logs(&located.log_dir, &query, &mut out)
-                .map_err(|e| CliError { code: e.exit_code(), message: e.to_string() })?;
+            logs::print_logs(&located.log_dir, &query, &mut out).map_err(|e| CliError {
+                code: e.exit_code(),
+                message: e.to_string(),
+                bare: false,
+            })?;
             let _ = out.flush();
             Ok(0)
         }
@@ -180,7 +204,7 @@ fn check(path: &Path) -> Result<i32, CliError> {
             println!("{}: ok", path.display());
             Ok(0)
         }
-        Err(e) => Err(CliError::usage(e.to_string())),
+        Err(e) => Err(CliError::config(e)),
     }
 }
 
@@ -192,17 +216,26 @@ fn status(config: Option<&Path>, json: bool) -> Result<i32, CliError> {
         other => return Err(CliError::failure(format!("unexpected reply {other:?}"))),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).unwrap_or_default()
+        );
         return Ok(0);
     }
-    println!("daemon: running (pid {}, since {})", status.pid, status.started);
+    println!(
+        "daemon: running (pid {}, since {})",
+        status.pid, status.started
+    );
     println!("config: {}", status.config.display());
     println!("relay: {}", status.relay.join(", "));
     println!("dns: {}", status.dns.join(", "));
     println!("logs: {}", status.log_dir.display());
     println!("cgroup: {}", status.cgroup.display());
     for program in &status.attached {
-        println!("  attached {:<16} id {:<6} {}", program.attach_type, program.id, program.name);
+        println!(
+            "  attached {:<16} id {:<6} {}",
+            program.attach_type, program.id, program.name
+        );
     }
     println!(
         "{:<20} {:>10} {:>10} {:>10} {:>14} {:>14}",

@@ -105,7 +105,9 @@ impl Config {
     }
 
     pub fn namespace(&self, name: &str) -> Option<&DispatchNamespace> {
-        self.dispatch_namespaces.iter().find(|n| n.namespace == name)
+        self.dispatch_namespaces
+            .iter()
+            .find(|n| n.namespace == name)
     }
 }
 

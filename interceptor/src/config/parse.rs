@@ -251,7 +251,11 @@ impl<'a> Ctx<'a> {
         match f.item.as_bool() {
             Some(b) => Some(b),
             None => {
-                let msg = format!("`{}` must be true or false, not {}", f.key, type_name(f.item));
+                let msg = format!(
+                    "`{}` must be true or false, not {}",
+                    f.key,
+                    type_name(f.item)
+                );
                 self.error(f.span(), msg);
                 None
             }
@@ -340,7 +344,10 @@ impl<'a> Ctx<'a> {
         };
         match s.parse::<SocketAddr>() {
             Ok(a) if a.port() == 0 => {
-                self.error(f.span(), format!("`{}`: port 0 is not a usable port", f.key));
+                self.error(
+                    f.span(),
+                    format!("`{}`: port 0 is not a usable port", f.key),
+                );
                 None
             }
             Ok(SocketAddr::V6(_)) if ipv4_only => {
@@ -686,22 +693,24 @@ fn resolve(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> BTreeMap<String, Vec<IpAddr>> {
         }
         let mut addrs = Vec::new();
         for (s, span) in list {
-            match s.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            match s
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+            {
                 Ok(ip) => addrs.push(ip),
-                Err(_) => ctx.error(
-                    span,
-                    format!("[resolve]: \"{s}\" is not an IP address"),
-                ),
+                Err(_) => ctx.error(span, format!("[resolve]: \"{s}\" is not an IP address")),
             }
         }
         if let Some(name) = name {
-            if out.contains_key(&name) {
-                ctx.error(
-                    f.key_span.clone(),
-                    format!("[resolve]: `{name}` is listed twice"),
-                );
-            } else {
-                out.insert(name, addrs);
+            match out.entry(name) {
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    let msg = format!("[resolve]: `{}` is listed twice", e.key());
+                    ctx.error(f.key_span.clone(), msg);
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(addrs);
+                }
             }
         }
     }
@@ -1023,23 +1032,25 @@ fn injection(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> Option<InjectConfig> {
         }
     };
     let header = match t.get("header") {
-        Some(f) => ctx.string(&f).and_then(|s| match HeaderName::from_bytes(s.as_bytes()) {
-            Ok(h) if FORBIDDEN_HEADERS.contains(&h.as_str()) => {
-                ctx.error(
-                    f.span(),
-                    format!("`header`: `{s}` is managed by the relay and cannot be injected"),
-                );
-                None
-            }
-            Ok(h) => Some(h),
-            Err(_) => {
-                ctx.error(
-                    f.span(),
-                    format!("`header`: \"{s}\" is not a valid HTTP header name"),
-                );
-                None
-            }
-        }),
+        Some(f) => ctx
+            .string(&f)
+            .and_then(|s| match HeaderName::from_bytes(s.as_bytes()) {
+                Ok(h) if FORBIDDEN_HEADERS.contains(&h.as_str()) => {
+                    ctx.error(
+                        f.span(),
+                        format!("`header`: `{s}` is managed by the relay and cannot be injected"),
+                    );
+                    None
+                }
+                Ok(h) => Some(h),
+                Err(_) => {
+                    ctx.error(
+                        f.span(),
+                        format!("`header`: \"{s}\" is not a valid HTTP header name"),
+                    );
+                    None
+                }
+            }),
         None => {
             ctx.missing(t, "header");
             None
@@ -1107,10 +1118,11 @@ fn jwt_cfg(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> Option<JwtConfig> {
             None
         }
     };
+    let mut key_ok = true;
     if let (Some((alg, _)), Some((path, span))) = (&algorithm, &key_file) {
         if let Err(e) = load_key(*alg, path) {
             ctx.error(span.clone(), format!("`key_file`: {e}"));
-            return None;
+            key_ok = false;
         }
     }
     let ttl_seconds = match t.get("ttl_seconds") {
@@ -1157,7 +1169,7 @@ fn jwt_cfg(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> Option<JwtConfig> {
         None => Some(serde_json::Map::new()),
     };
     let kid = t.get("kid").and_then(|f| ctx.string(&f));
-    if t.get("kid").is_some() && kid.is_none() {
+    if !key_ok || (t.get("kid").is_some() && kid.is_none()) {
         return None;
     }
     Some(JwtConfig {

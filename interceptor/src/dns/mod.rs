@@ -83,7 +83,12 @@ pub async fn serve(
     }
 }
 
-async fn answer(ctx: &DnsContext, local: SocketAddr, client: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+async fn answer(
+    ctx: &DnsContext,
+    local: SocketAddr,
+    client: SocketAddr,
+    query: &[u8],
+) -> Option<Vec<u8>> {
     let started = Instant::now();
     // Only queries from sandboxed sockets the hooks redirected are served.
     let cookie = match origin::socket_cookie(local, client) {
@@ -100,7 +105,8 @@ async fn answer(ctx: &DnsContext, local: SocketAddr, client: SocketAddr, query: 
     let name = normalize_host(&question.name().to_ascii());
     let policy = &sandbox.tenant.policy;
 
-    let mut entry = crate::logs::LogEntry::new(&sandbox.tenant.id.0, Proto::Dns, original.socket_addr());
+    let mut entry =
+        crate::logs::LogEntry::new(&sandbox.tenant.id.0, Proto::Dns, original.socket_addr());
     entry.worker = sandbox.worker.clone();
     entry.pid = Some(original.pid);
     entry.params = sandbox.params.clone();
@@ -193,7 +199,8 @@ mod tests {
     #[test]
     fn resolv_conf_nameservers() {
         let own: Vec<SocketAddr> = vec!["127.0.0.1:53".parse().unwrap()];
-        let conf = "# comment\nnameserver 10.0.0.2\nnameserver 127.0.0.1\nsearch x\nnameserver ::1\n";
+        let conf =
+            "# comment\nnameserver 10.0.0.2\nnameserver 127.0.0.1\nsearch x\nnameserver ::1\n";
         assert_eq!(
             forwarders_from_resolv_conf(conf, &own),
             vec![

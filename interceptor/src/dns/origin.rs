@@ -16,10 +16,21 @@ use netlink_sys::Socket;
 /// from the DNS listener at `listener`.
 pub fn socket_cookie(listener: SocketAddr, client: SocketAddr) -> io::Result<u64> {
     let (family, listener, client) = match (listener, client) {
-        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
-            (if listener.is_ipv4() { AF_INET } else { AF_INET6 }, listener, client)
+        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => (
+            if listener.is_ipv4() {
+                AF_INET
+            } else {
+                AF_INET6
+            },
+            listener,
+            client,
+        ),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "mixed address families",
+            ))
         }
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "mixed address families")),
     };
     // The kernel looks the socket up as a receiver: source is the listener.
     let socket_id = SocketId {

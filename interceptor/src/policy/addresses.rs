@@ -65,12 +65,7 @@ fn guarded_v6(ip: Ipv6Addr) -> Option<&'static str> {
 /// address, last 32 bits inverted).
 pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
-    let last32 = Ipv4Addr::new(
-        (s[6] >> 8) as u8,
-        s[6] as u8,
-        (s[7] >> 8) as u8,
-        s[7] as u8,
-    );
+    let last32 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     if s[..4] == [0, 0, 0, 0] {
         return match (s[4], s[5]) {
             (0, 0xffff) | (0xffff, 0) => Some(last32),
@@ -131,7 +126,16 @@ mod tests {
         ] {
             assert_eq!(g(ip), Some(range), "{ip}");
         }
-        for ip in ["8.8.8.8", "1.1.1.1", "172.15.0.1", "172.32.0.1", "100.63.0.1", "100.128.0.1", "192.167.1.1", "169.253.1.1"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.15.0.1",
+            "172.32.0.1",
+            "100.63.0.1",
+            "100.128.0.1",
+            "192.167.1.1",
+            "169.253.1.1",
+        ] {
             assert_eq!(g(ip), None, "{ip}");
         }
     }
@@ -178,10 +182,16 @@ mod tests {
         assert_eq!(g("2002:c0a8:101::"), Some("192.168.0.0/16"));
         assert_eq!(g("2002:808:808::1"), None);
         // Teredo: client = last 32 bits inverted; 0x80ffff fe = !127.0.0.1
-        assert_eq!(g("2001:0:4136:e378:8000:63bf:80ff:fffe"), Some("127.0.0.0/8"));
-        assert_eq!(g("2001:0:4136:e378:8000:63bf:f5ff:fffe"), Some("10.0.0.0/8"));
+        assert_eq!(
+            g("2001:0:4136:e378:8000:63bf:80ff:fffe"),
+            Some("127.0.0.0/8")
+        );
+        assert_eq!(
+            g("2001:0:4136:e378:8000:63bf:f5ff:fffe"),
+            Some("10.0.0.0/8")
+        );
         assert_eq!(g("2001:0:4136:e378:8000:63bf:f7f7:f7f7"), None); // 8.8.8.8
-        // 2001:db8 (documentation) is not Teredo
+                                                                     // 2001:db8 (documentation) is not Teredo
         assert_eq!(embedded_ipv4("2001:db8::1".parse().unwrap()), None);
     }
 

@@ -229,7 +229,9 @@ mod tests {
     use super::*;
 
     fn params(kv: &[(&str, &str)]) -> Params {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -240,9 +242,24 @@ mod tests {
             .unwrap();
         assert_eq!(out, "Bearer acme/{literal}/https://x/}");
         assert_eq!(t.params().collect::<Vec<_>>(), ["customer_name", "url"]);
-        assert_eq!(Template::parse("").unwrap().render(&Params::new()).unwrap(), "");
-        assert_eq!(Template::parse("{a}{b}").unwrap().render(&params(&[("a", "1"), ("b", "2")])).unwrap(), "12");
-        assert_eq!(Template::parse("ü{a}ß").unwrap().render(&params(&[("a", "-")])).unwrap(), "ü-ß");
+        assert_eq!(
+            Template::parse("").unwrap().render(&Params::new()).unwrap(),
+            ""
+        );
+        assert_eq!(
+            Template::parse("{a}{b}")
+                .unwrap()
+                .render(&params(&[("a", "1"), ("b", "2")]))
+                .unwrap(),
+            "12"
+        );
+        assert_eq!(
+            Template::parse("ü{a}ß")
+                .unwrap()
+                .render(&params(&[("a", "-")]))
+                .unwrap(),
+            "ü-ß"
+        );
     }
 
     #[test]
@@ -268,7 +285,9 @@ mod tests {
 
     #[test]
     fn bad_templates() {
-        for bad in ["{", "}", "a{b", "a}b", "{}", "{a b}", "{env:}", "{env:1X}", "{x{y}}"] {
+        for bad in [
+            "{", "}", "a{b", "a}b", "{}", "{a b}", "{env:}", "{env:1X}", "{x{y}}",
+        ] {
             assert!(Template::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -278,7 +297,10 @@ mod tests {
         let t = Template::parse("Bearer sk-live-123 {customer_name} {env:TOKEN}").unwrap();
         let dbg = format!("{t:?}");
         assert!(!dbg.contains("sk-live"), "{dbg}");
-        assert!(dbg.contains("{customer_name}") && dbg.contains("{env:TOKEN}"), "{dbg}");
+        assert!(
+            dbg.contains("{customer_name}") && dbg.contains("{env:TOKEN}"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -289,7 +311,10 @@ mod tests {
             kind: InjectKind::Value(Template::parse("{customer_name}").unwrap()),
         };
         let err = inj
-            .render(&params(&[("customer_name", "a\r\nX-Evil: 1")]), SystemTime::now())
+            .render(
+                &params(&[("customer_name", "a\r\nX-Evil: 1")]),
+                SystemTime::now(),
+            )
             .unwrap_err();
         assert!(matches!(err, InjectError::InvalidHeaderValue(_)));
         let (name, value) = inj

@@ -73,17 +73,20 @@ pub fn load_key(algorithm: Algorithm, path: &Path) -> Result<EncodingKey, KeyErr
         }
         RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
             let expected = "an RSA private key in PEM";
-            let key = EncodingKey::from_rsa_pem(&bytes).map_err(|e| format_err(expected, e.to_string()))?;
+            let key = EncodingKey::from_rsa_pem(&bytes)
+                .map_err(|e| format_err(expected, e.to_string()))?;
             (key, expected)
         }
         ES256 | ES384 => {
             let expected = "a PKCS#8 EC private key in PEM (convert a SEC1 `EC PRIVATE KEY` with `openssl pkcs8 -topk8 -nocrypt`)";
-            let key = EncodingKey::from_ec_pem(&bytes).map_err(|e| format_err(expected, e.to_string()))?;
+            let key = EncodingKey::from_ec_pem(&bytes)
+                .map_err(|e| format_err(expected, e.to_string()))?;
             (key, expected)
         }
         EdDSA => {
             let expected = "a PKCS#8 Ed25519 private key in PEM";
-            let key = EncodingKey::from_ed_pem(&bytes).map_err(|e| format_err(expected, e.to_string()))?;
+            let key = EncodingKey::from_ed_pem(&bytes)
+                .map_err(|e| format_err(expected, e.to_string()))?;
             (key, expected)
         }
     };
@@ -110,7 +113,9 @@ impl ClaimTemplate {
         Ok(match value {
             Value::String(s) => ClaimTemplate::Str(Template::parse(s)?),
             Value::Array(a) => ClaimTemplate::Array(
-                a.iter().map(ClaimTemplate::from_json).collect::<Result<_, _>>()?,
+                a.iter()
+                    .map(ClaimTemplate::from_json)
+                    .collect::<Result<_, _>>()?,
             ),
             Value::Object(o) => ClaimTemplate::Object(
                 o.iter()
@@ -124,9 +129,11 @@ impl ClaimTemplate {
     fn render(&self, params: &Params) -> Result<Value, InjectError> {
         Ok(match self {
             ClaimTemplate::Str(t) => Value::String(t.render(params)?),
-            ClaimTemplate::Array(a) => {
-                Value::Array(a.iter().map(|c| c.render(params)).collect::<Result<_, _>>()?)
-            }
+            ClaimTemplate::Array(a) => Value::Array(
+                a.iter()
+                    .map(|c| c.render(params))
+                    .collect::<Result<_, _>>()?,
+            ),
             ClaimTemplate::Object(o) => Value::Object(
                 o.iter()
                     .map(|(k, v)| Ok((k.clone(), v.render(params)?)))

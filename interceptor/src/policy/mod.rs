@@ -143,19 +143,17 @@ impl OutboundPolicy {
             let kind = match &inj.source {
                 InjectSource::Value(t) => InjectKind::Value(t.clone()),
                 InjectSource::Jwt(j) => {
-                    let key = load_key(j.algorithm, &j.key_file).map_err(|source| {
-                        PolicyError::Key {
+                    let key =
+                        load_key(j.algorithm, &j.key_file).map_err(|source| PolicyError::Key {
                             outbound: cfg.name.clone(),
                             source,
-                        }
-                    })?;
-                    let claims = ClaimTemplate::from_json(&serde_json::Value::Object(
-                        j.claims.clone(),
-                    ))
-                    .map_err(|reason| PolicyError::Claims {
-                        outbound: cfg.name.clone(),
-                        reason,
-                    })?;
+                        })?;
+                    let claims =
+                        ClaimTemplate::from_json(&serde_json::Value::Object(j.claims.clone()))
+                            .map_err(|reason| PolicyError::Claims {
+                                outbound: cfg.name.clone(),
+                                reason,
+                            })?;
                     InjectKind::Jwt(Box::new(JwtMinter {
                         algorithm: j.algorithm,
                         key,
@@ -183,7 +181,9 @@ impl OutboundPolicy {
     }
 
     /// Builds every `[outbound.*]` of a config, by name.
-    pub fn all_from_config(config: &Config) -> Result<BTreeMap<String, OutboundPolicy>, PolicyError> {
+    pub fn all_from_config(
+        config: &Config,
+    ) -> Result<BTreeMap<String, OutboundPolicy>, PolicyError> {
         config
             .outbound
             .iter()

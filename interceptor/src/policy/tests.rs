@@ -19,7 +19,9 @@ fn policy(toml: &str) -> OutboundPolicy {
 }
 
 fn params(kv: &[(&str, &str)]) -> Params {
-    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -34,18 +36,48 @@ allow = ["api.example.com", "*.github.com", "*.example.com"]
 block = ["evil.example.com", "*.bad.github.com"]
 "#,
     );
-    assert_eq!(p.decide_host("api.example.com"), Decision::allow("allow:api.example.com"));
-    assert_eq!(p.decide_host("API.Example.com."), Decision::allow("allow:api.example.com"));
-    assert_eq!(p.decide_host("raw.github.com"), Decision::allow("allow:*.github.com"));
-    assert_eq!(p.decide_host("a.b.github.com:443"), Decision::allow("allow:*.github.com"));
+    assert_eq!(
+        p.decide_host("api.example.com"),
+        Decision::allow("allow:api.example.com")
+    );
+    assert_eq!(
+        p.decide_host("API.Example.com."),
+        Decision::allow("allow:api.example.com")
+    );
+    assert_eq!(
+        p.decide_host("raw.github.com"),
+        Decision::allow("allow:*.github.com")
+    );
+    assert_eq!(
+        p.decide_host("a.b.github.com:443"),
+        Decision::allow("allow:*.github.com")
+    );
     // block wins over allow, even when allow lists a wildcard that covers it
-    assert_eq!(p.decide_host("evil.example.com"), Decision::block("block:evil.example.com"));
-    assert_eq!(p.decide_host("EVIL.example.com."), Decision::block("block:evil.example.com"));
-    assert_eq!(p.decide_host("evil.example.com:8080"), Decision::block("block:evil.example.com"));
-    assert_eq!(p.decide_host("x.bad.github.com"), Decision::block("block:*.bad.github.com"));
+    assert_eq!(
+        p.decide_host("evil.example.com"),
+        Decision::block("block:evil.example.com")
+    );
+    assert_eq!(
+        p.decide_host("EVIL.example.com."),
+        Decision::block("block:evil.example.com")
+    );
+    assert_eq!(
+        p.decide_host("evil.example.com:8080"),
+        Decision::block("block:evil.example.com")
+    );
+    assert_eq!(
+        p.decide_host("x.bad.github.com"),
+        Decision::block("block:*.bad.github.com")
+    );
     // the apex is not matched by its wildcard
-    assert_eq!(p.decide_host("github.com"), Decision::allow("default:allow"));
-    assert_eq!(p.decide_host("bad.github.com"), Decision::allow("allow:*.github.com"));
+    assert_eq!(
+        p.decide_host("github.com"),
+        Decision::allow("default:allow")
+    );
+    assert_eq!(
+        p.decide_host("bad.github.com"),
+        Decision::allow("allow:*.github.com")
+    );
     assert_eq!(p.decide_host("other.org"), Decision::allow("default:allow"));
     assert_eq!(p.decide_host("bad host"), Decision::block("invalid-host"));
     assert_eq!(p.decide_host(""), Decision::block("invalid-host"));
@@ -72,33 +104,61 @@ fn decide_address_guarded_and_cidrs() {
     );
     assert_eq!(p.decide_address(ip("::ffff:8.8.8.8")), None);
     for guarded in [
-        "0.0.0.0", "10.0.0.1", "172.16.5.4", "192.168.1.1", "100.64.0.1", "169.254.169.254",
-        "224.0.0.1", "255.255.255.255", "::", "::1", "fc00::1", "fe80::1", "ff02::1",
-        "::ffff:10.0.0.1", "::10.0.0.1", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1",
+        "0.0.0.0",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "100.64.0.1",
+        "169.254.169.254",
+        "224.0.0.1",
+        "255.255.255.255",
+        "::",
+        "::1",
+        "fc00::1",
+        "fe80::1",
+        "ff02::1",
+        "::ffff:10.0.0.1",
+        "::10.0.0.1",
+        "64:ff9b::a9fe:a9fe",
+        "2002:a9fe:a9fe::1",
         "2001:0:4136:e378:8000:63bf:80ff:fffe",
     ] {
-        let d = p.decide_address(ip(guarded)).unwrap_or_else(|| panic!("{guarded}"));
+        let d = p
+            .decide_address(ip(guarded))
+            .unwrap_or_else(|| panic!("{guarded}"));
         assert_eq!(d.action, Action::Block, "{guarded}");
         assert!(d.rule.starts_with("guarded:"), "{guarded}: {}", d.rule);
     }
 
     let p = policy("[outbound.e]\nallow_cidrs = [\"10.0.0.0/8\", \"127.0.0.2/32\", \"fd00::/8\", \"8.8.8.0/24\"]\n");
-    assert_eq!(p.decide_address(ip("10.1.2.3")), Some(Decision::allow("cidr:10.0.0.0/8")));
+    assert_eq!(
+        p.decide_address(ip("10.1.2.3")),
+        Some(Decision::allow("cidr:10.0.0.0/8"))
+    );
     assert_eq!(
         p.decide_address(ip("::ffff:10.1.2.3")),
         Some(Decision::allow("cidr:10.0.0.0/8"))
     );
-    assert_eq!(p.decide_address(ip("127.0.0.2")), Some(Decision::allow("cidr:127.0.0.2/32")));
+    assert_eq!(
+        p.decide_address(ip("127.0.0.2")),
+        Some(Decision::allow("cidr:127.0.0.2/32"))
+    );
     assert_eq!(
         p.decide_address(ip("127.0.0.1")),
         Some(Decision::block("guarded:127.0.0.0/8"))
     );
-    assert_eq!(p.decide_address(ip("fd00::5")), Some(Decision::allow("cidr:fd00::/8")));
+    assert_eq!(
+        p.decide_address(ip("fd00::5")),
+        Some(Decision::allow("cidr:fd00::/8"))
+    );
     assert_eq!(
         p.decide_address(ip("fc00::5")),
         Some(Decision::block("guarded:fc00::/7"))
     );
-    assert_eq!(p.decide_address(ip("8.8.8.8")), Some(Decision::allow("cidr:8.8.8.0/24")));
+    assert_eq!(
+        p.decide_address(ip("8.8.8.8")),
+        Some(Decision::allow("cidr:8.8.8.0/24"))
+    );
     // Only the mapped form is admitted by an IPv4 net; NAT64 to 10/8 stays guarded.
     assert_eq!(
         p.decide_address(ip("64:ff9b::a00:1")),
@@ -108,14 +168,34 @@ fn decide_address_guarded_and_cidrs() {
 
 #[test]
 fn decide_opaque_falls_back_to_default() {
-    let p = policy("[outbound.e]\ndefault = \"block\"\nallow_cidrs = [\"192.168.0.0/16\", \"1.1.1.1\"]\n");
-    assert_eq!(p.decide_opaque(ip("9.9.9.9"), 22), Decision::block("default:block"));
-    assert_eq!(p.decide_opaque(ip("1.1.1.1"), 53), Decision::allow("cidr:1.1.1.1/32"));
-    assert_eq!(p.decide_opaque(ip("192.168.1.1"), 5432), Decision::allow("cidr:192.168.0.0/16"));
-    assert_eq!(p.decide_opaque(ip("10.0.0.1"), 5432), Decision::block("guarded:10.0.0.0/8"));
+    let p = policy(
+        "[outbound.e]\ndefault = \"block\"\nallow_cidrs = [\"192.168.0.0/16\", \"1.1.1.1\"]\n",
+    );
+    assert_eq!(
+        p.decide_opaque(ip("9.9.9.9"), 22),
+        Decision::block("default:block")
+    );
+    assert_eq!(
+        p.decide_opaque(ip("1.1.1.1"), 53),
+        Decision::allow("cidr:1.1.1.1/32")
+    );
+    assert_eq!(
+        p.decide_opaque(ip("192.168.1.1"), 5432),
+        Decision::allow("cidr:192.168.0.0/16")
+    );
+    assert_eq!(
+        p.decide_opaque(ip("10.0.0.1"), 5432),
+        Decision::block("guarded:10.0.0.0/8")
+    );
     let p = policy("[outbound.e]\n");
-    assert_eq!(p.decide_opaque(ip("9.9.9.9"), 22), Decision::allow("default:allow"));
-    assert_eq!(p.decide_opaque(ip("169.254.169.254"), 80), Decision::block("guarded:169.254.0.0/16"));
+    assert_eq!(
+        p.decide_opaque(ip("9.9.9.9"), 22),
+        Decision::allow("default:allow")
+    );
+    assert_eq!(
+        p.decide_opaque(ip("169.254.169.254"), 80),
+        Decision::block("guarded:169.254.0.0/16")
+    );
     assert_eq!(
         OutboundPolicy::default().decide_opaque(ip("::1"), 80),
         Decision::block("guarded:::1/128")
@@ -149,8 +229,13 @@ value = "{customer_name}"
         injs[1].render(&Params::new(), now),
         Err(InjectError::MissingParameter(p)) if p == "customer_name"
     ));
-    let (name, value) = injs[1].render(&params(&[("customer_name", "acme")]), now).unwrap();
-    assert_eq!((name.as_str(), value.to_str().unwrap()), ("x-customer", "acme"));
+    let (name, value) = injs[1]
+        .render(&params(&[("customer_name", "acme")]), now)
+        .unwrap();
+    assert_eq!(
+        (name.as_str(), value.to_str().unwrap()),
+        ("x-customer", "acme")
+    );
     // Debug of the policy shows neither the literal text nor the rendered value
     let dbg = format!("{p:?}");
     assert!(!dbg.contains("Bearer") && !dbg.contains("tok-123"), "{dbg}");
@@ -194,7 +279,10 @@ fn check_claims(token: &str, alg: Algorithm, key: &DecodingKey, ttl: u64) {
     let iat = c["iat"].as_u64().unwrap();
     let exp = c["exp"].as_u64().unwrap();
     assert_eq!(exp - iat, ttl);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     assert!(iat.abs_diff(now) < 60);
 }
 
@@ -206,7 +294,12 @@ fn jwt_hs256() {
     let p = jwt_policy("HS256", &key, 300);
     let token = bearer(&p, &params(&[("customer_name", "acme")]), SystemTime::now());
     // the trailing newline of the key file is not part of the secret
-    check_claims(&token, Algorithm::HS256, &DecodingKey::from_secret(b"top-secret"), 300);
+    check_claims(
+        &token,
+        Algorithm::HS256,
+        &DecodingKey::from_secret(b"top-secret"),
+        300,
+    );
     assert!(decode::<serde_json::Value>(
         &token,
         &DecodingKey::from_secret(b"top-secret\n"),
@@ -272,18 +365,33 @@ fn jwt_rs256_es256_eddsa() {
 #[test]
 fn jwt_key_errors() {
     // a SEC1 EC key is refused at load time with a hint, as is a key of the wrong kind
-    let e = load_key(Algorithm::ES256, &testdata("es256-sec1.pem")).unwrap_err();
+    let e = load_key(Algorithm::ES256, &testdata("es256-sec1.pem"))
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("openssl pkcs8 -topk8"), "{e}");
-    let e = load_key(Algorithm::RS256, &testdata("ed25519.pem")).unwrap_err();
+    let e = load_key(Algorithm::RS256, &testdata("ed25519.pem"))
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("RSA private key"), "{e}");
-    let e = load_key(Algorithm::EdDSA, &testdata("es256.pem")).unwrap_err();
+    let e = load_key(Algorithm::EdDSA, &testdata("es256.pem"))
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("Ed25519"), "{e}");
-    let e = load_key(Algorithm::HS256, Path::new("/nonexistent/k")).unwrap_err();
-    assert!(e.to_string().starts_with("cannot read key file /nonexistent/k:"), "{e}");
+    let e = load_key(Algorithm::HS256, Path::new("/nonexistent/k"))
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string()
+            .starts_with("cannot read key file /nonexistent/k:"),
+        "{e}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let k = dir.path().join("empty");
     std::fs::write(&k, "\r\n").unwrap();
-    assert!(matches!(load_key(Algorithm::HS256, &k), Err(KeyError::Empty { .. })));
+    assert!(matches!(
+        load_key(Algorithm::HS256, &k),
+        Err(KeyError::Empty { .. })
+    ));
     assert!(parse_algorithm("none").is_none());
     assert!(parse_algorithm("hs256").is_none());
     assert_eq!(parse_algorithm("EdDSA"), Some(Algorithm::EdDSA));

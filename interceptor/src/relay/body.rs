@@ -58,8 +58,8 @@ where
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    let total =
-                        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                    let total = self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed)
+                        + data.len() as u64;
                     if self.expected.is_some_and(|n| total >= n) {
                         self.finish();
                     }

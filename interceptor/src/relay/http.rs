@@ -150,7 +150,13 @@ async fn handle_request(
 
     let decision = policy.decide_host(&target.host);
     if decision.action == Action::Block {
-        return blocked(ctx, conn, new_entry(&decision, Verdict::Block), started, &target);
+        return blocked(
+            ctx,
+            conn,
+            new_entry(&decision, Verdict::Block),
+            started,
+            &target,
+        );
     }
 
     let mut injected = Vec::new();
@@ -185,7 +191,13 @@ async fn handle_request(
     {
         Ok(addr) => addr,
         Err(Refusal::Blocked(refused)) => {
-            return blocked(ctx, conn, new_entry(&refused, Verdict::Block), started, &target);
+            return blocked(
+                ctx,
+                conn,
+                new_entry(&refused, Verdict::Block),
+                started,
+                &target,
+            );
         }
         Err(Refusal::Unresolvable(why)) => {
             let failed = Decision {
@@ -204,9 +216,10 @@ async fn handle_request(
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    parts
-        .headers
-        .insert(HOST, HeaderValue::from_str(target.authority.as_str()).expect("authority is a valid header"));
+    parts.headers.insert(
+        HOST,
+        HeaderValue::from_str(target.authority.as_str()).expect("authority is a valid header"),
+    );
     for (name, value) in injected {
         parts.headers.insert(name, value);
     }
@@ -217,7 +230,12 @@ async fn handle_request(
         .unwrap_or("/");
     parts.uri = match Uri::from_str(&format!("http://{upstream}{path}")) {
         Ok(uri) => uri,
-        Err(_) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "bad path" })),
+        Err(_) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": "bad path" }),
+            )
+        }
     };
     parts.version = Version::HTTP_11;
     let sent = Arc::new(AtomicU64::new(0));
