@@ -11,11 +11,11 @@ use std::{
     ffi::OsString,
     fs,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 const TARGET: &str = "bpfel-unknown-none";
-const HINT: &str = "run `cargo xtask build` (it installs them)";
+const HINT: &str = "run `cargo xtask build`, which installs what the eBPF build needs";
 
 fn main() {
     if let Err(message) = build() {

@@ -304,7 +304,7 @@ impl Handler for AdminHandler {
     fn handle(&self, request: Request) -> Reply {
         match request {
             Request::ExecOpen { tenant, params } => {
-                match self.sandboxes.open_exec(&tenant, params, None) {
+                match self.sandboxes.open_exec(&tenant, params) {
                     Ok(sandbox) => Reply::Sandbox {
                         cgroup: sandbox.cgroup.clone(),
                         uid: self.uid,

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod daemon;
 pub mod dns;
 pub mod ebpf;

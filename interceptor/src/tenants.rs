@@ -27,6 +27,13 @@ impl fmt::Display for TenantId {
     }
 }
 
+/// A User Worker: its dispatch namespace and its name (also its tenant name).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WorkerId {
+    pub namespace: String,
+    pub name: String,
+}
+
 /// What the daemon knows about a tenant from its configuration.
 pub struct Tenant {
     pub id: TenantId,
@@ -38,7 +45,8 @@ pub struct Tenant {
 /// One sandbox: a cgroup whose processes share a tenant and a set of parameters.
 pub struct Sandbox {
     pub tenant: Arc<Tenant>,
-    pub worker: Option<String>,
+    /// `(namespace, Worker name)` for a User Worker's sandbox.
+    pub worker: Option<WorkerId>,
     pub params: Params,
     pub cgroup: PathBuf,
 }
@@ -115,12 +123,7 @@ impl SandboxRegistry {
     }
 
     /// Creates a fresh cgroup for one `interceptor exec`, with `params` over the tenant's.
-    pub fn open_exec(
-        &self,
-        tenant: &str,
-        params: Params,
-        worker: Option<String>,
-    ) -> Result<Arc<Sandbox>, TenantError> {
+    pub fn open_exec(&self, tenant: &str, params: Params) -> Result<Arc<Sandbox>, TenantError> {
         let tenant = self
             .tenants
             .get(tenant)
@@ -136,8 +139,33 @@ impl SandboxRegistry {
         merged.extend(params);
         let sandbox = Arc::new(Sandbox {
             tenant: tenant.clone(),
-            worker,
+            worker: None,
             params: merged,
+            cgroup: dir,
+        });
+        self.write().insert(id, sandbox.clone());
+        Ok(sandbox)
+    }
+
+    /// The sandbox of a User Worker: cgroup `<root>/<namespace>/<name>` (created
+    /// if missing), tenant `name`, judged by the namespace's outbound `policy`.
+    /// Its parameters come per request, from the signed request context.
+    pub fn open_worker(
+        &self,
+        worker: &WorkerId,
+        policy: Arc<OutboundPolicy>,
+    ) -> Result<Arc<Sandbox>, TenantError> {
+        let dir = self.root.join(&worker.namespace).join(&worker.name);
+        fs::create_dir_all(&dir).map_err(cgroup_err(&dir))?;
+        let id = cgroup_id(&dir).map_err(cgroup_err(&dir))?;
+        let sandbox = Arc::new(Sandbox {
+            tenant: Arc::new(Tenant {
+                id: TenantId(worker.name.clone()),
+                params: Params::new(),
+                policy,
+            }),
+            worker: Some(worker.clone()),
+            params: Params::new(),
             cgroup: dir,
         });
         self.write().insert(id, sandbox.clone());

@@ -59,7 +59,7 @@ pub enum Command {
         /// Only entries newer than this, e.g. 5m, 1h30m, 2d.
         #[arg(long, value_name = "DURATION", value_parser = parse_since)]
         since: Option<std::time::Duration>,
-        #[arg(long, value_parser = parse_verdict)]
+        #[arg(long, value_enum)]
         decision: Option<Verdict>,
         /// Keep printing new entries.
         #[arg(long, short)]
@@ -143,15 +143,6 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
 
 fn parse_since(s: &str) -> Result<std::time::Duration, String> {
     logs::parse_since(s).map_err(|e| e.to_string())
-}
-
-fn parse_verdict(s: &str) -> Result<Verdict, String> {
-    match s {
-        "allow" => Ok(Verdict::Allow),
-        "block" => Ok(Verdict::Block),
-        "error" => Ok(Verdict::Error),
-        _ => Err(format!("{s:?} is not one of allow, block, error")),
-    }
 }
 
 /// Runs every command but `run` (the daemon needs its own runtime); returns the exit code.

@@ -107,7 +107,7 @@ async fn answer(
 
     let mut entry =
         crate::logs::LogEntry::new(&sandbox.tenant.id.0, Proto::Dns, original.socket_addr());
-    entry.worker = sandbox.worker.clone();
+    entry.worker = sandbox.worker.as_ref().map(|w| w.name.clone());
     entry.pid = Some(original.pid);
     entry.params = sandbox.params.clone();
     entry.method = Some(question.query_type().to_string());

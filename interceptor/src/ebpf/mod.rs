@@ -571,6 +571,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn handles_can_move_between_threads() {
+        fn check<T: Send + Sync>() {}
+        check::<DestinationTable>();
+        check::<Enforcement>();
+    }
+
+    #[test]
     fn program_names_fit_the_kernel_and_are_distinct() {
         for (i, a) in PROGRAMS.iter().enumerate() {
             assert!(a.name.len() <= 15, "{} is too long", a.name);

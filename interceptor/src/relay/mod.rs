@@ -66,7 +66,7 @@ impl Connection {
     /// A log entry for this connection with what every protocol knows.
     fn entry(&self, proto: Proto, decision: &Decision, verdict: Verdict) -> LogEntry {
         let mut entry = LogEntry::new(&self.sandbox.tenant.id.0, proto, self.dst);
-        entry.worker = self.sandbox.worker.clone();
+        entry.worker = self.sandbox.worker.as_ref().map(|w| w.name.clone());
         entry.pid = Some(self.pid);
         entry.params = self.sandbox.params.clone();
         entry.decision = verdict;
