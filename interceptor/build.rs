@@ -59,11 +59,14 @@ fn build() -> Result<(), String> {
         .arg(&target_dir);
     scrub_env(&mut cmd);
     cmd.env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker);
-    // The nested cargo's output goes to this build script's output, which
-    // cargo shows when the build fails.
-    let status = cmd.status().map_err(|e| {
-        format!("cannot run `rustup run nightly cargo` for the eBPF build ({e}); {HINT}")
-    })?;
+    // The nested cargo's output goes to this build script's stderr (never its
+    // stdout, which cargo parses), shown when the build fails.
+    let status = cmd
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .map_err(|e| {
+            format!("cannot run `rustup run nightly cargo` for the eBPF build ({e}); {HINT}")
+        })?;
     if !status.success() {
         return Err(format!(
             "building the eBPF programs (interceptor-ebpf) failed ({status}); see the output above, \

@@ -58,6 +58,9 @@ pub struct Status {
     pub log_dir: PathBuf,
     pub attached: Vec<AttachedProgramStatus>,
     pub tenants: BTreeMap<String, TenantCounters>,
+    /// Dispatch namespaces and their running Worker processes.
+    #[serde(default)]
+    pub dispatch: Vec<crate::dispatch::NamespaceStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -121,7 +121,10 @@ mod tests {
         assert_eq!(key.verify(&token).unwrap(), context());
 
         let other = ContextKey::generate().unwrap();
-        assert!(other.verify(&token).is_err(), "another key's token verified");
+        assert!(
+            other.verify(&token).is_err(),
+            "another key's token verified"
+        );
         let forged = other.sign(&context());
         assert!(key.verify(&forged).is_err(), "a forged token verified");
 

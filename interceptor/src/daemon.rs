@@ -18,12 +18,14 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AttachedProgramStatus, Handler, Reply, Request, Status};
 use crate::cli::{DaemonPointer, POINTER_FILE};
 use crate::config::Config;
+use crate::context::ContextKey;
+use crate::dispatch::Dispatchers;
 use crate::dns::{self, DnsContext};
 use crate::ebpf::{self, Enforcement, RedirectTargets};
 use crate::logs::LogWriter;
 use crate::policy::OutboundPolicy;
 use crate::record::Recorder;
-use crate::relay::{self, LocalAddresses, RelayContext};
+use crate::relay::{self, LocalAddresses, RelayContext, TlsOrigin};
 use crate::resolve::Resolver;
 use crate::tenants::{SandboxRegistry, Tenant, TenantId};
 
@@ -56,6 +58,12 @@ pub enum DaemonError {
     Logs(#[from] crate::logs::LogError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Context(#[from] crate::context::ContextError),
+    #[error(transparent)]
+    OriginTls(#[from] relay::OriginTlsError),
+    #[error(transparent)]
+    Dispatch(#[from] crate::dispatch::DispatchError),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -109,6 +117,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     if !nix::unistd::geteuid().is_root() {
         return Err(DaemonError::NotRoot);
     }
+    raise_open_file_limit();
     let settings = &config.interceptor;
     let mount = ebpf::cgroup2_mount()?;
     let root = mount.join(&settings.cgroup);
@@ -117,6 +126,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             return Err(DaemonError::InsideSubtree(own));
         }
     }
+    let tls_origin = TlsOrigin::new(&settings.upstream_ca)?;
     let user = nix::unistd::User::from_name(&settings.sandbox_user)
         .ok()
         .flatten()
@@ -157,6 +167,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         listen_udp("dns", dns_v6).await?,
     ];
     let admin_listener = admin::bind(&settings.admin_socket).await?;
+    let dispatch_addrs = Dispatchers::listen_addresses(&config);
+    let dispatch_listeners = dispatch_addrs
+        .iter()
+        .map(|addr| listen_tcp("dispatcher", *addr))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let sandboxes = Arc::new(SandboxRegistry::create(root.clone(), tenants)?);
     let mut enforcement = Enforcement::load(&RedirectTargets {
@@ -174,11 +189,25 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         settings.log_keep,
     )?);
     let resolver = Arc::new(Resolver::new(config.resolve.clone()));
+    // The dispatchers too: a Worker calling a dispatcher would start a fresh
+    // request (with a fresh subrequest budget) from inside one.
+    let mut own_listeners = vec![relay_v4, relay_v6, dns_v4, dns_v6];
+    own_listeners.extend(&dispatch_addrs);
     let local = LocalAddresses {
-        listeners: vec![relay_v4, relay_v6, dns_v4, dns_v6],
+        listeners: own_listeners,
     };
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let context_key = Arc::new(ContextKey::generate()?);
+    let dispatchers = Arc::new(Dispatchers::new(
+        &config,
+        sandboxes.clone(),
+        &policies,
+        context_key.clone(),
+        user.uid.as_raw(),
+        user.gid.as_raw(),
+    )?);
+    dispatchers.serve(dispatch_listeners, &shutdown, &tracker);
 
     let relay_ctx = RelayContext::new(
         enforcement.destinations(),
@@ -186,6 +215,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         recorder.clone(),
         resolver.clone(),
         local.clone(),
+        context_key.clone(),
+        tls_origin,
     );
     for listener in relay_listeners {
         tokio::spawn(relay::serve(
@@ -213,6 +244,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     }
     let handler = Arc::new(AdminHandler {
         sandboxes,
+        dispatchers: dispatchers.clone(),
         recorder: recorder.clone(),
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
@@ -228,6 +260,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             log_dir: settings.log_dir.clone(),
             attached: Vec::new(),
             tenants: BTreeMap::new(),
+            dispatch: Vec::new(),
         },
     });
     tokio::spawn(admin::serve(admin_listener, handler, shutdown.clone()));
@@ -267,12 +300,29 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     {
         tracing::warn!("in-flight connections still open after {DRAIN_TIMEOUT:?}; closing them");
     }
+    dispatchers.stop().await;
     recorder.flush();
     let _ = std::fs::remove_file(&settings.admin_socket);
     // The programs stay attached: with no relay listening, sandboxed connects fail.
     drop(enforcement);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Each relayed connection holds two descriptors: use all the hard limit allows.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 fn write_pointer(pointer: &DaemonPointer) {
@@ -293,6 +343,7 @@ fn write_pointer(pointer: &DaemonPointer) {
 
 struct AdminHandler {
     sandboxes: Arc<SandboxRegistry>,
+    dispatchers: Arc<Dispatchers>,
     recorder: Arc<Recorder>,
     uid: u32,
     gid: u32,
@@ -330,6 +381,7 @@ impl Handler for AdminHandler {
             Request::Status => {
                 let mut status = self.status.clone();
                 status.tenants = self.recorder.counters();
+                status.dispatch = self.dispatchers.status();
                 for tenant in self.sandboxes.tenants() {
                     status.tenants.entry(tenant.id.0.clone()).or_default();
                 }

@@ -98,6 +98,12 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with `files` (name, content) written to its directory first.
     pub fn start_with(rest: &str, files: &[(&str, &str)]) -> Daemon {
+        Self::start_configured("", rest, files)
+    }
+
+    /// The most general start: `interceptor_extra` lines are added to the
+    /// `[interceptor]` table (`{dir}` replaced as in `rest`).
+    pub fn start_configured(interceptor_extra: &str, rest: &str, files: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         // The sandbox user reads test files (CA certificates, scripts) from here.
         std::fs::set_permissions(
@@ -117,9 +123,10 @@ impl Daemon {
         let admin_socket = dir.path().join("run/admin.sock");
         let text = format!(
             "[interceptor]\nrelay = \"127.0.0.1:{relay_port}\"\ndns = \"127.0.0.1:{dns_port}\"\n\
-             admin_socket = \"{}\"\nlog_dir = \"{}\"\ncgroup = \"{cgroup_name}\"\nsandbox_user = \"nobody\"\n\n{}",
+             admin_socket = \"{}\"\nlog_dir = \"{}\"\ncgroup = \"{cgroup_name}\"\nsandbox_user = \"nobody\"\n{}\n\n{}",
             admin_socket.display(),
             log_dir.display(),
+            interceptor_extra.replace("{dir}", &dir.path().display().to_string()),
             rest.replace("{dir}", &dir.path().display().to_string()),
         );
         std::fs::write(&config, text).unwrap();

@@ -570,3 +570,69 @@ fn sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over(
     assert_eq!(connect4, 1, "{status:#}");
     assert!(status["tenants"]["acme"]["allowed"].as_u64().unwrap() >= 1);
 }
+
+#[test]
+fn https_sent_in_the_clear_is_judged_injected_and_originated_with_verification() {
+    if !privileged("https_sent_in_the_clear_is_judged_injected_and_originated_with_verification") {
+        return;
+    }
+    let (tls, pem) = Upstream::start_tls("127.0.0.2:0", &["api.test"]);
+    let port = tls.port();
+    let d = Daemon::start_configured(
+        "upstream_ca = [\"{dir}/ca.pem\"]",
+        CONFIG,
+        &[("jwt.key", JWT_KEY), ("ca.pem", &pem)],
+    );
+    // An absolute-form https:// request over plain TCP, as the Worker runtime sends it.
+    let request = |host: &str| {
+        format!(
+            "import socket\ns=socket.create_connection(('127.0.0.2',{port}),timeout=5)\n\
+             s.sendall(b'GET https://{host}:{port}/tls-path HTTP/1.1\\r\\nHost: {host}:{port}\\r\\nConnection: close\\r\\n\\r\\n')\n\
+             data=b''\nwhile True:\n  chunk=s.recv(4096)\n  if not chunk: break\n  data+=chunk\n\
+             print(data.decode(errors='replace'))\n"
+        )
+    };
+    let out = d.python("acme", &request("api.test"));
+    assert!(stdout(&out).starts_with("HTTP/1.1 200"), "{}", text(&out));
+    let seen = tls.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/tls-path");
+    claims_of(
+        seen[0]
+            .header("authorization")
+            .expect("JWT injected into HTTPS"),
+    );
+    let entry = d.wait_for_log("acme", |e| {
+        e["url"] == format!("https://api.test:{port}/tls-path")
+    });
+    assert_eq!(entry["decision"], "allow");
+    assert_eq!(entry["status"], 200);
+
+    // The certificate is verified: a name it does not cover fails, nothing is sent.
+    let out = d.python("acme", &request("127.0.0.2"));
+    assert!(stdout(&out).starts_with("HTTP/1.1 502"), "{}", text(&out));
+    assert_eq!(tls.requests().len(), 1);
+}
+
+#[test]
+fn a_forged_request_context_is_refused() {
+    if !privileged("a_forged_request_context_is_refused") {
+        return;
+    }
+    let api = Upstream::start("127.0.0.2:0");
+    let d = daemon();
+    let (_, body, status) = curl(
+        &d,
+        &[],
+        &[
+            "--resolve",
+            &format!("api.test:{}:127.0.0.2", api.port()),
+            "-H",
+            "x-interceptor-context: eyJhbGciOiJIUzI1NiJ9.eyJ3b3JrZXIiOiJldmlsIn0.c2ln",
+            &format!("http://api.test:{}/", api.port()),
+        ],
+    );
+    assert_eq!(status, "403", "{body}");
+    assert!(body.contains("context:"), "{body}");
+    assert!(api.requests().is_empty());
+}

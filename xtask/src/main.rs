@@ -6,7 +6,8 @@
 //! - `cargo xtask run [--release] [--config FILE] [-- ARGS...]`: builds, then
 //!   becomes `interceptor run --config examples/interceptor.toml`.
 //! - `cargo xtask test [-- CARGO TEST ARGS...]`: builds, then `cargo test --workspace`.
-//! - `cargo xtask bench`: benchmarks (not yet implemented).
+//! - `cargo xtask bench [--seconds N] [--connections N]`: wrk against direct
+//!   connections, ratios and RSS; writes `target/bench/report.json`.
 
 use std::{
     env,
@@ -17,12 +18,18 @@ use std::{
     sync::OnceLock,
 };
 
+mod bench;
+mod workers;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 /// Nightly components the eBPF build needs: `rust-src` for `-Z build-std=core`,
 /// `llvm-tools` for `interceptor-ebpf/bpf-link` (llvm-link, opt, llc).
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "llvm-tools"];
+
+/// Debian packages the benchmark runs: the load generator and the upstream.
+const BENCH_PACKAGES: &[&str] = &["wrk", "nginx-light", "python3"];
 
 /// Debian packages the tests run (as sandboxed programs).
 const TEST_PACKAGES: &[&str] = &["curl", "python3"];
@@ -59,10 +66,14 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Benchmarks.
+    /// Measure throughput and latency against direct connections (release build).
     Bench {
-        #[arg(last = true)]
-        args: Vec<OsString>,
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Concurrent wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
     },
 }
 
@@ -76,7 +87,13 @@ fn main() -> ExitCode {
             args,
         } => run(release, &config, &args),
         Task::Test { args } => test(&args),
-        Task::Bench { args } => bench(&args),
+        Task::Bench {
+            seconds,
+            connections,
+        } => bench(bench::Options {
+            seconds,
+            connections,
+        }),
     };
     match result {
         Ok(code) => code,
@@ -137,6 +154,8 @@ fn exit_code(st: std::process::ExitStatus) -> ExitCode {
 
 fn build(release: bool) -> Result<ExitCode> {
     ensure_nightly()?;
+    // The example User Workers (target/workers/NAME.wasm) for the demo and tests.
+    workers::build_workers(root())?;
     let mut cmd = cargo();
     cmd.args(["build", "-p", "interceptor"]);
     if release {
@@ -179,14 +198,27 @@ fn test(args: &[OsString]) -> Result<ExitCode> {
     } else {
         eprintln!("xtask: not root: the privileged tests will be skipped");
     }
-    // The integration tests start target/debug/interceptor.
+    // The integration tests start target/debug/interceptor; the Worker tests
+    // load target/workers/NAME.wasm.
+    workers::build_workers(root())?;
     check(cargo().args(["build", "-p", "interceptor"]))?;
-    let st = status(cargo().args(["test", "--workspace"]).args(args))?;
+    // --no-fail-fast: every test binary runs, so one failure does not hide others.
+    let st = status(
+        cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(args),
+    )?;
     Ok(exit_code(st))
 }
 
-fn bench(_args: &[OsString]) -> Result<ExitCode> {
-    bail!("`cargo xtask bench` is not implemented yet")
+fn bench(options: bench::Options) -> Result<ExitCode> {
+    if !is_root() {
+        bail!("`cargo xtask bench` needs root: it loads the eBPF programs");
+    }
+    ensure_debian_packages(BENCH_PACKAGES)?;
+    build(true)?;
+    bench::run(root(), &options)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn is_root() -> bool {

@@ -77,6 +77,10 @@ pub enum Command {
         #[arg(long, value_name = "FILE", env = "INTERCEPTOR_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Internal: one User Worker's sandboxed process, started by a dispatcher
+    /// (fd 3: its channel, fd 4: its precompiled component).
+    #[command(hide = true)]
+    Worker(crate::worker::WorkerArgs),
 }
 
 /// A failure the CLI reports: one line, one exit code.
@@ -186,6 +190,7 @@ pub fn run_command(command: Command) -> Result<i32, CliError> {
             Ok(0)
         }
         Command::Status { json, config } => status(config.as_deref(), json),
+        Command::Worker(args) => Ok(crate::worker::run_process(args)),
     }
 }
 

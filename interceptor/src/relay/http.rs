@@ -27,6 +27,7 @@ use super::body::Metered;
 use super::sniff::Prefixed;
 use super::upstream::{self, Refusal};
 use super::{Connection, RelayContext};
+use crate::context::{RequestContext, CONTEXT_HEADER};
 use crate::logs::{LogEntry, Proto, Verdict};
 use crate::policy::{Action, Decision};
 use crate::resolve::normalize_host;
@@ -78,12 +79,25 @@ struct RequestTarget {
     port: u16,
     /// As sent on: `host[:port]`.
     authority: Authority,
+    /// An absolute-form `https://` request: the relay originates the TLS.
+    tls: bool,
     url: String,
 }
 
 impl RequestTarget {
-    /// The absolute-form URI wins over the Host header (RFC 9112 §3.2.2).
+    /// The absolute-form URI wins over the Host header (RFC 9112 §3.2.2). Its port
+    /// defaults by scheme; a Host header's defaults to the port the sandbox dialled.
     fn of(req: &Request<Incoming>, dialled_port: u16) -> Result<Self, &'static str> {
+        let tls = match req.uri().scheme_str() {
+            None | Some("http") => false,
+            Some("https") => true,
+            Some(_) => return Err("unsupported scheme in the request target"),
+        };
+        let default_port = match (req.uri().authority().is_some(), tls) {
+            (false, _) => dialled_port,
+            (true, false) => 80,
+            (true, true) => 443,
+        };
         let authority = match req.uri().authority() {
             Some(a) => a.clone(),
             None => {
@@ -102,17 +116,19 @@ impl RequestTarget {
         if host.is_empty() {
             return Err("empty host");
         }
-        let port = authority.port_u16().unwrap_or(dialled_port);
+        let port = authority.port_u16().unwrap_or(default_port);
         let path = req
             .uri()
             .path_and_query()
             .map(PathAndQuery::as_str)
             .unwrap_or("/");
-        let url = format!("http://{authority}{path}");
+        let scheme = if tls { "https" } else { "http" };
+        let url = format!("{scheme}://{authority}{path}");
         Ok(RequestTarget {
             host,
             port,
             authority,
+            tls,
             url,
         })
     }
@@ -140,28 +156,53 @@ async fn handle_request(
         }
     };
     let policy = &conn.sandbox.tenant.policy;
+    let context = request_context(&req, conn, ctx);
+    let params = match &context {
+        Ok(Some(context)) => context.params.clone(),
+        _ => conn.sandbox.params.clone(),
+    };
     let new_entry = |decision: &Decision, verdict: Verdict| {
         let mut entry = conn.entry(Proto::Http, decision, verdict);
         entry.method = Some(method.clone());
         entry.url = Some(target.url.clone());
         entry.host = Some(target.host.clone());
+        entry.params = params.clone();
         entry
     };
+    let refuse = |rule: &str| {
+        let refused = Decision {
+            action: Action::Block,
+            rule: rule.to_string(),
+        };
+        blocked(
+            ctx,
+            conn,
+            new_entry(&refused, Verdict::Block),
+            started,
+            &target,
+        )
+    };
+
+    let context = match context {
+        Ok(context) => context,
+        Err(rule) => return refuse(rule),
+    };
+    if let Some(context) = &context {
+        if let Some(limit) = context.subrequest_limit {
+            if ctx.subrequests.count(context.request_id) > limit {
+                return refuse("limit:subrequests");
+            }
+        }
+    }
 
     let decision = policy.decide_host(&target.host);
     if decision.action == Action::Block {
-        return blocked(
-            ctx,
-            conn,
-            new_entry(&decision, Verdict::Block),
-            started,
-            &target,
-        );
+        return refuse(&decision.rule);
     }
 
     let mut injected = Vec::new();
     for injection in policy.injections_for(&target.host) {
-        match injection.render(&conn.sandbox.params, SystemTime::now()) {
+        match injection.render(&params, SystemTime::now()) {
             Ok(header) => injected.push(header),
             Err(e) => {
                 // Never send a half-filled credential: the request stops here.
@@ -190,15 +231,7 @@ async fn handle_request(
     .await
     {
         Ok(addr) => addr,
-        Err(Refusal::Blocked(refused)) => {
-            return blocked(
-                ctx,
-                conn,
-                new_entry(&refused, Verdict::Block),
-                started,
-                &target,
-            );
-        }
+        Err(Refusal::Blocked(refused)) => return refuse(&refused.rule),
         Err(Refusal::Unresolvable(why)) => {
             let failed = Decision {
                 action: Action::Block,
@@ -216,6 +249,7 @@ async fn handle_request(
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(CONTEXT_HEADER);
     parts.headers.insert(
         HOST,
         HeaderValue::from_str(target.authority.as_str()).expect("authority is a valid header"),
@@ -228,7 +262,14 @@ async fn handle_request(
         .path_and_query()
         .map(PathAndQuery::as_str)
         .unwrap_or("/");
-    parts.uri = match Uri::from_str(&format!("http://{upstream}{path}")) {
+    // Plain HTTP goes through the pool by address; TLS is addressed by name
+    // (certificate and SNI) and sent in origin-form.
+    let uri = if target.tls {
+        path.to_string()
+    } else {
+        format!("http://{upstream}{path}")
+    };
+    parts.uri = match Uri::from_str(&uri) {
         Ok(uri) => uri,
         Err(_) => {
             return json(
@@ -243,7 +284,17 @@ async fn handle_request(
 
     let mut entry = new_entry(&decision, Verdict::Allow);
     entry.upstream = Some(upstream.to_string());
-    match ctx.http_client.request(upstream_req).await {
+    let sent_upstream = if target.tls {
+        ctx.tls_origin
+            .send(upstream, &target.host, upstream_req)
+            .await
+    } else {
+        ctx.http_client
+            .request(upstream_req)
+            .await
+            .map_err(|e| format!("upstream: {e}"))
+    };
+    match sent_upstream {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -265,13 +316,37 @@ async fn handle_request(
             entry.status = Some(502);
             entry.bytes_sent = sent.load(Ordering::Relaxed);
             finish(ctx, conn, entry, started);
-            tracing::debug!(%upstream, "upstream request failed: {e:?}");
+            tracing::debug!(%upstream, "upstream request failed: {e}");
             json(
                 StatusCode::BAD_GATEWAY,
-                serde_json::json!({ "error": format!("upstream: {e}"), "host": target.host }),
+                serde_json::json!({ "error": e, "host": target.host }),
             )
         }
     }
+}
+
+/// The verified request context of a dispatched Worker's subrequest. Only a
+/// Worker's sandbox may present one, and only its own: anything else is refused.
+fn request_context(
+    req: &Request<Incoming>,
+    conn: &Connection,
+    ctx: &RelayContext,
+) -> Result<Option<RequestContext>, &'static str> {
+    let Some(token) = req.headers().get(CONTEXT_HEADER) else {
+        return Ok(None);
+    };
+    let Some(worker) = &conn.sandbox.worker else {
+        return Err("context:not-a-worker");
+    };
+    let context = token
+        .to_str()
+        .ok()
+        .and_then(|token| ctx.context_key.verify(token).ok())
+        .ok_or("context:invalid")?;
+    if context.namespace != worker.namespace || context.worker != worker.name {
+        return Err("context:foreign");
+    }
+    Ok(Some(context))
 }
 
 fn blocked(

@@ -4,8 +4,10 @@
 
 mod body;
 mod http;
+mod origin_tls;
 mod sniff;
 mod stream;
+mod subrequests;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -16,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::context::ContextKey;
 use crate::ebpf::DestinationTable;
 use crate::logs::{LogEntry, Proto, Verdict};
 use crate::policy::Decision;
@@ -23,6 +26,7 @@ use crate::record::Recorder;
 use crate::resolve::Resolver;
 use crate::tenants::{Sandbox, SandboxRegistry};
 
+pub use origin_tls::{OriginTlsError, TlsOrigin};
 pub use upstream::LocalAddresses;
 
 /// What every connection handler shares.
@@ -32,7 +36,11 @@ pub struct RelayContext {
     pub recorder: Arc<Recorder>,
     pub resolver: Arc<Resolver>,
     pub local: LocalAddresses,
+    /// Verifies the request contexts dispatched Workers' subrequests carry.
+    pub context_key: Arc<ContextKey>,
     http_client: http::UpstreamClient,
+    tls_origin: TlsOrigin,
+    subrequests: subrequests::SubrequestCounter,
 }
 
 impl RelayContext {
@@ -42,6 +50,8 @@ impl RelayContext {
         recorder: Arc<Recorder>,
         resolver: Arc<Resolver>,
         local: LocalAddresses,
+        context_key: Arc<ContextKey>,
+        tls_origin: TlsOrigin,
     ) -> Arc<Self> {
         Arc::new(RelayContext {
             destinations,
@@ -49,7 +59,10 @@ impl RelayContext {
             recorder,
             resolver,
             local,
+            context_key,
             http_client: http::upstream_client(),
+            tls_origin,
+            subrequests: Default::default(),
         })
     }
 }

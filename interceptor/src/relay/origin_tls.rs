@@ -1,0 +1,152 @@
+//! TLS the relay originates itself: a User Worker's `https://` subrequests reach
+//! the relay in the clear (absolute-form), so the outbound Worker sees and
+//! changes them; the relay then speaks TLS to the upstream, verifying its
+//! certificate against the system roots plus `upstream_ca`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+
+use super::body::Metered;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle connections kept per (address, server name).
+const MAX_IDLE: usize = 32;
+
+type Body = Metered<Incoming>;
+/// Idle connections by (address, TLS server name).
+type IdlePool = HashMap<(SocketAddr, String), Vec<SendRequest<Body>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OriginTlsError {
+    #[error("upstream_ca {path}: {source}")]
+    Ca { path: PathBuf, source: io::Error },
+    #[error("upstream_ca {path}: no usable certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Connections to TLS upstreams, reused per (address, server name).
+pub struct TlsOrigin {
+    connector: TlsConnector,
+    idle: Mutex<IdlePool>,
+}
+
+impl TlsOrigin {
+    pub fn new(extra_ca: &[PathBuf]) -> Result<Self, OriginTlsError> {
+        let mut roots = RootCertStore::empty();
+        // Unreadable system certificates are skipped; an operator's own CA files are not.
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        for path in extra_ca {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| OriginTlsError::Ca {
+                    path: path.clone(),
+                    source: io::Error::other(e.to_string()),
+                })?
+                .filter_map(Result::ok)
+                .collect();
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(OriginTlsError::NoCertificate { path: path.clone() });
+            }
+        }
+        let config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        Ok(TlsOrigin {
+            connector: TlsConnector::from(Arc::new(config)),
+            idle: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Sends `request` over TLS to `addr`, verifying the certificate for `server_name`.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, String> {
+        let key = (addr, server_name.to_string());
+        let mut sender = match self.take_idle(&key) {
+            Some(sender) => sender,
+            None => self.connect(addr, server_name).await?,
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("upstream: {e}"))?;
+        // The connection is reusable once the response body is done; hyper tells us
+        // through readiness, so park it and let `take_idle` check.
+        self.park(key, sender);
+        Ok(response)
+    }
+
+    fn take_idle(&self, key: &(SocketAddr, String)) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let senders = idle.get_mut(key)?;
+        while let Some(sender) = senders.pop() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            if !sender.is_closed() {
+                // Still busy with a previous response body: keep it for later.
+                senders.insert(0, sender);
+                return None;
+            }
+        }
+        None
+    }
+
+    fn park(&self, key: (SocketAddr, String), sender: SendRequest<Body>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let senders = idle.entry(key).or_default();
+        senders.retain(|s| !s.is_closed());
+        if senders.len() < MAX_IDLE {
+            senders.push(sender);
+        }
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<SendRequest<Body>, String> {
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|_| format!("{server_name:?} is not a valid TLS server name"))?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| "upstream: connect timed out".to_string())?
+            .map_err(|e| format!("upstream: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("upstream TLS: {e}"))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("upstream: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("upstream TLS connection: {e}");
+            }
+        });
+        Ok(sender)
+    }
+}

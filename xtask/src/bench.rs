@@ -1,0 +1,375 @@
+//! `cargo xtask bench`: direct client→upstream against the same through the
+//! interceptor (eBPF redirect + relay + policy + logging), measured in one run on
+//! loopback with wrk; ratios to direct, and the relay's RSS at 1,000 open
+//! connections. Writes `target/bench/report.json`. Nothing here is asserted:
+//! performance is measured, not tested.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const UPSTREAM: &str = "127.0.0.2:18080";
+const RELAY_PORT: u16 = 25101;
+const DNS_PORT: u16 = 25153;
+const CGROUP: &str = "interceptor-bench";
+const OPEN_CONNECTIONS: usize = 1000;
+
+pub struct Options {
+    pub seconds: u32,
+    pub connections: u32,
+}
+
+/// One wrk run.
+#[derive(Clone, Debug, Default)]
+struct Measurement {
+    requests_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+pub fn run(root: &Path, options: &Options) -> Result<()> {
+    let bin = root.join("target/release/interceptor");
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let _upstream = Nginx::start(&dir)?;
+    let mut daemon = Daemon::start(&bin, &dir)?;
+
+    let url = format!("http://{UPSTREAM}/");
+    let wrk = |through: bool, close: bool| -> Result<Measurement> {
+        let mut cmd = if through {
+            let mut c = Command::new(&bin);
+            c.args(["exec", "--config"])
+                .arg(dir.join("interceptor.toml"))
+                .args(["--tenant", "bench", "--", "wrk"]);
+            c
+        } else {
+            Command::new("wrk")
+        };
+        cmd.args([
+            "-t1",
+            "-c",
+            &options.connections.to_string(),
+            "-d",
+            &format!("{}s", options.seconds),
+            "--latency",
+        ]);
+        if close {
+            cmd.args(["-H", "Connection: close"]);
+        }
+        cmd.arg(&url);
+        let out = cmd.output().context("cannot run wrk")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
+    };
+
+    eprintln!("bench: keep-alive, direct and through the interceptor");
+    let direct_ka = wrk(false, false)?;
+    let relay_ka = wrk(true, false)?;
+    eprintln!("bench: connection per request, direct and through the interceptor");
+    let direct_cpr = wrk(false, true)?;
+    let relay_cpr = wrk(true, true)?;
+    eprintln!("bench: relay RSS with {OPEN_CONNECTIONS} open connections");
+    let (rss_idle, rss_open) = rss_with_open_connections(&bin, &dir, daemon.pid())?;
+    daemon.stop();
+
+    let ratio = |a: &Measurement, b: &Measurement| a.requests_per_sec / b.requests_per_sec;
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "{:<34} {:>12} {:>10} {:>10} {:>8}",
+        "run", "requests/s", "p50 µs", "p99 µs", "ratio"
+    );
+    for (name, m, base) in [
+        ("keep-alive, direct", &direct_ka, &direct_ka),
+        ("keep-alive, through interceptor", &relay_ka, &direct_ka),
+        ("conn per request, direct", &direct_cpr, &direct_cpr),
+        (
+            "conn per request, through interceptor",
+            &relay_cpr,
+            &direct_cpr,
+        ),
+    ] {
+        let _ = writeln!(
+            table,
+            "{name:<34} {:>12.0} {:>10.0} {:>10.0} {:>8.2}",
+            m.requests_per_sec,
+            m.p50_us,
+            m.p99_us,
+            ratio(m, base)
+        );
+    }
+    let _ = writeln!(
+        table,
+        "added p50 latency, keep-alive: {:.0} µs; relay RSS: {:.1} MiB idle, {:.1} MiB with {OPEN_CONNECTIONS} open connections",
+        relay_ka.p50_us - direct_ka.p50_us,
+        rss_idle as f64 / 1024.0,
+        rss_open as f64 / 1024.0
+    );
+    print!("{table}");
+
+    let json = |m: &Measurement| {
+        format!(
+            "{{\"requests_per_sec\": {:.1}, \"p50_us\": {:.1}, \"p99_us\": {:.1}}}",
+            m.requests_per_sec, m.p50_us, m.p99_us
+        )
+    };
+    let report = format!(
+        "{{\n  \"wrk\": {{\"threads\": 1, \"connections\": {}, \"seconds\": {}}},\n  \
+         \"keep_alive\": {{\"direct\": {}, \"interceptor\": {}, \"ratio\": {:.3}, \"added_p50_us\": {:.1}}},\n  \
+         \"connection_per_request\": {{\"direct\": {}, \"interceptor\": {}, \"ratio\": {:.3}}},\n  \
+         \"relay_rss_kib\": {{\"idle\": {rss_idle}, \"open_connections\": {OPEN_CONNECTIONS}, \"with_open_connections\": {rss_open}}}\n}}\n",
+        options.connections,
+        options.seconds,
+        json(&direct_ka),
+        json(&relay_ka),
+        ratio(&relay_ka, &direct_ka),
+        relay_ka.p50_us - direct_ka.p50_us,
+        json(&direct_cpr),
+        json(&relay_cpr),
+        ratio(&relay_cpr, &direct_cpr),
+    );
+    let path = dir.join("report.json");
+    std::fs::write(&path, report)?;
+    eprintln!("bench: wrote {}", path.display());
+    Ok(())
+}
+
+/// Requests/s and the 50th/99th latency percentiles from `wrk --latency`.
+fn parse_wrk(text: &str) -> Option<Measurement> {
+    let mut m = Measurement::default();
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("Requests/sec:") {
+            m.requests_per_sec = rest.trim().parse().ok()?;
+        } else if let Some(rest) = line.strip_prefix("50%") {
+            m.p50_us = parse_duration_us(rest.trim())?;
+        } else if let Some(rest) = line.strip_prefix("99%") {
+            m.p99_us = parse_duration_us(rest.trim())?;
+        }
+    }
+    (m.requests_per_sec > 0.0).then_some(m)
+}
+
+/// wrk prints `123.45us`, `1.23ms`, `2.00s`.
+fn parse_duration_us(s: &str) -> Option<f64> {
+    let (number, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1_000.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1_000_000.0)
+    } else {
+        return None;
+    };
+    number.parse::<f64>().ok().map(|n| n * scale)
+}
+
+/// Opens [`OPEN_CONNECTIONS`] kept-alive connections through the relay from a
+/// sandboxed process, each with one request answered, and reads the daemon's RSS.
+fn rss_with_open_connections(bin: &Path, dir: &Path, daemon_pid: u32) -> Result<(u64, u64)> {
+    let idle = rss_kib(daemon_pid)?;
+    let ready = dir.join("connections-open");
+    let release = dir.join("connections-release");
+    let _ = std::fs::remove_file(&ready);
+    let _ = std::fs::remove_file(&release);
+    let script = format!(
+        "import os,resource,socket,time\n\
+         soft,hard=resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE,(min(hard,{n}+100),hard))\n\
+         host,port='{UPSTREAM}'.split(':')\nsocks=[]\n\
+         for i in range({n}):\n  s=socket.create_connection((host,int(port)))\n\
+         \x20 s.sendall(b'GET / HTTP/1.1\\r\\nHost: bench.test\\r\\n\\r\\n')\n  s.recv(4096)\n  socks.append(s)\n\
+         open('{ready}','w').close()\n\
+         while not os.path.exists('{release}'): time.sleep(0.05)\n",
+        n = OPEN_CONNECTIONS,
+        ready = ready.display(),
+        release = release.display(),
+    );
+    let mut client = Command::new(bin)
+        .args(["exec", "--config"])
+        .arg(dir.join("interceptor.toml"))
+        .args(["--tenant", "bench", "--", "python3", "-c", &script])
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        if let Some(status) = client.try_wait()? {
+            bail!("the connection holder exited early ({status})");
+        }
+        if Instant::now() > deadline {
+            let _ = client.kill();
+            bail!("opening {OPEN_CONNECTIONS} connections took too long");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let open = rss_kib(daemon_pid)?;
+    std::fs::write(&release, "")?;
+    client.wait()?;
+    Ok((idle, open))
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// nginx from Debian as the upstream: fast enough that the relay is what is measured.
+struct Nginx(Child);
+
+impl Nginx {
+    fn start(dir: &Path) -> Result<Nginx> {
+        let prefix = dir.join("nginx");
+        std::fs::create_dir_all(prefix.join("logs"))?;
+        let conf = prefix.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\ndaemon off;\nerror_log stderr error;\npid {pid};\n\
+                 events {{ worker_connections 4096; }}\n\
+                 http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+                 \x20 server {{\n    listen {UPSTREAM} backlog=4096;\n\
+                 \x20   location / {{ return 200 \"hello from the bench upstream\\n\"; }}\n  }}\n}}\n",
+                pid = prefix.join("nginx.pid").display()
+            ),
+        )?;
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("cannot start nginx")?;
+        wait_for_port(UPSTREAM)?;
+        Ok(Nginx(child))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Daemon {
+    child: Option<Child>,
+    cgroup: Option<PathBuf>,
+}
+
+impl Daemon {
+    fn start(bin: &Path, dir: &Path) -> Result<Daemon> {
+        let config = dir.join("interceptor.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[interceptor]\nrelay = \"127.0.0.1:{RELAY_PORT}\"\ndns = \"127.0.0.1:{DNS_PORT}\"\n\
+                 admin_socket = \"{run}/admin.sock\"\nlog_dir = \"{logs}\"\ncgroup = \"{CGROUP}\"\n\n\
+                 [tenants.bench]\noutbound = \"egress\"\nparams = {{ customer_name = \"bench\" }}\n\n\
+                 [outbound.egress]\ndefault = \"allow\"\nblock = [\"evil.example.com\"]\n\
+                 allow_cidrs = [\"127.0.0.2/32\"]\nlog = true\n",
+                run = dir.join("run").display(),
+                logs = dir.join("logs").display(),
+            ),
+        )?;
+        let _ = std::fs::remove_dir_all(dir.join("logs"));
+        let child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("INTERCEPTOR_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut daemon = Daemon {
+            child: Some(child),
+            cgroup: None,
+        };
+        wait_for_port(&format!("127.0.0.1:{RELAY_PORT}"))?;
+        // The admin socket comes last; wait for it too.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dir.join("run/admin.sock").exists() {
+            if Instant::now() > deadline {
+                bail!("the daemon did not start");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        thread::sleep(Duration::from_millis(100));
+        daemon.cgroup = cgroup2_mount().map(|m| m.join(CGROUP));
+        Ok(daemon)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(cgroup) = &self.cgroup {
+            remove_cgroup_tree(cgroup);
+        }
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+fn wait_for_port(addr: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk_output() {
+        let text = "Running 1s test @ http://127.0.0.2:18080/\n  Latency Distribution\n     50%  120.00us\n     75%  1.50ms\n     90%  2.00ms\n     99%    1.20ms\n  1000 requests in 1.00s\nRequests/sec:  12345.67\n";
+        let m = parse_wrk(text).unwrap();
+        assert_eq!(m.requests_per_sec, 12345.67);
+        assert_eq!(m.p50_us, 120.0);
+        assert_eq!(m.p99_us, 1200.0);
+    }
+}
