@@ -270,11 +270,12 @@ fn a_worker_answers_for_its_subdomain_and_unknown_names_are_404() {
     let r = t.get("hello.example.com", "/path?q=1");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body, "hello from hello");
-    // Any domain, any port, any case: the first label names the Worker.
+    // Any domain, any port, any case: the first label names the Worker (which
+    // sees the host as the client sent it).
     let r = t.get("ACME.customers.test:8080", "/");
     assert_eq!(
         (r.status, r.body.as_str()),
-        (200, "hello from acme"),
+        (200, "hello from ACME"),
         "{r:?}"
     );
     // Reused: one process per Worker.
@@ -482,6 +483,38 @@ fn a_killed_worker_process_is_restarted() {
 }
 
 #[test]
+fn requests_in_flight_when_the_process_dies_get_500() {
+    if !ready(
+        "requests_in_flight_when_the_process_dies_get_500",
+        &["spin"],
+    ) {
+        return;
+    }
+    let t = Dispatch::start("cpu_ms = 10000, memory_mb = 64, subrequests = 5");
+    t.install("spin", "spin");
+    assert_eq!(t.get("spin.example.com", "/?ms=1").status, 200);
+    let pid = t.pid("spin");
+    let port = t.port;
+    let in_flight: Vec<_> = (0..3)
+        .map(|_| thread::spawn(move || request(port, "spin.example.com", "/?ms=5000", &[])))
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on a process of the test's own daemon.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    for handle in in_flight {
+        let r = handle.join().unwrap();
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (500, "Worker process exited"),
+            "{r:?}"
+        );
+    }
+    let r = t.get("spin.example.com", "/?ms=1");
+    assert_eq!((r.status, r.body.as_str()), (200, "spun 1 ms"), "{r:?}");
+    assert_ne!(t.pid("spin"), pid);
+}
+
+#[test]
 fn the_worker_process_is_sandboxed() {
     if !ready("the_worker_process_is_sandboxed", &["hello"]) {
         return;
@@ -644,6 +677,30 @@ fn shutdown_finishes_in_flight_requests_then_stops_the_workers() {
         assert!(gone(pid), "Worker process {pid} outlived the daemon");
     }
     assert!(t.d.daemon_stderr().contains("stopping 2 Worker process"));
+}
+
+#[test]
+fn workers_do_not_outlive_a_crashed_daemon() {
+    if !ready("workers_do_not_outlive_a_crashed_daemon", &["hello"]) {
+        return;
+    }
+    let mut t = Dispatch::start("cpu_ms = 1000, memory_mb = 64, subrequests = 5");
+    t.install("hello", "hello");
+    assert_eq!(t.get("hello.example.com", "/").status, 200);
+    let pid = t.pid("hello");
+    t.d.stop_with(libc::SIGKILL);
+    // The channel's other end is gone: the Worker process ends by itself.
+    assert!(
+        eventually(Duration::from_secs(5), || gone(pid)),
+        "Worker process {pid} outlived its daemon"
+    );
+    t.d.spawn();
+    let r = t.get("hello.example.com", "/");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "hello from hello"),
+        "{r:?}"
+    );
 }
 
 // Subrequests: the relay sees each with the parameters of the request that made it.

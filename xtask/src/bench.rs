@@ -184,7 +184,7 @@ fn rss_with_open_connections(bin: &Path, dir: &Path, daemon_pid: u32) -> Result<
          resource.setrlimit(resource.RLIMIT_NOFILE,(min(hard,{n}+100),hard))\n\
          host,port='{UPSTREAM}'.split(':')\nsocks=[]\n\
          for i in range({n}):\n  s=socket.create_connection((host,int(port)))\n\
-         \x20 s.sendall(b'GET / HTTP/1.1\\r\\nHost: bench.test\\r\\n\\r\\n')\n  s.recv(4096)\n  socks.append(s)\n\
+         \x20 s.sendall(b'GET / HTTP/1.1\\r\\nHost: {UPSTREAM}\\r\\n\\r\\n')\n  s.recv(4096)\n  socks.append(s)\n\
          open('{ready}','w').close()\n\
          while not os.path.exists('{release}'): time.sleep(0.05)\n",
         n = OPEN_CONNECTIONS,
@@ -256,7 +256,9 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // SIGTERM: the master stops its workers too (SIGKILL would orphan them).
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
     }
 }

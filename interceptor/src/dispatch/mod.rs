@@ -11,10 +11,16 @@
 //! by a new process, the old one retired after its in-flight requests; a
 //! removed file gives 404 and retires the process. A process that dies is
 //! restarted on the next request, with a backoff while it keeps dying.
+//!
+//! The folder is also watched ([`watch`]): files present at start and files
+//! written or renamed into place later are compiled at once, in the
+//! background, and a changed Worker that had a process gets its new one right
+//! away, so the first request after a deploy does not wait for the compiler.
 
 pub mod artifact;
 pub mod process;
 pub mod route;
+pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -56,6 +62,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A process that lived this long before dying resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// How often a workers folder that does not exist is looked for again.
+const RETRY_WATCH: Duration = Duration::from_secs(2);
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -104,6 +112,10 @@ struct Shared {
     exe: PathBuf,
     arg0: OsString,
     next_request: AtomicU64,
+    /// One compilation per content hash at a time.
+    compiling: Mutex<HashMap<ContentHash, Arc<tokio::sync::Mutex<()>>>>,
+    /// Stops every Worker process, retired ones included.
+    kill_all: CancellationToken,
     /// Process monitors, channels and stderr readers.
     tasks: TaskTracker,
 }
@@ -132,10 +144,8 @@ impl Dispatchers {
             });
         }
         let engine = crate::worker::engine().map_err(|e| DispatchError::Engine(e.to_string()))?;
-        let exe = PathBuf::from("/proc/self/exe");
-        let arg0 = std::env::current_exe()
-            .map(PathBuf::into_os_string)
-            .unwrap_or_else(|_| "interceptor".into());
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(SELF_EXE));
+        let arg0 = exe.clone().into_os_string();
         let shared = Arc::new(Shared {
             engine,
             cache: ArtifactCache::default(),
@@ -147,6 +157,8 @@ impl Dispatchers {
             exe,
             arg0,
             next_request: AtomicU64::new(1),
+            compiling: Mutex::new(HashMap::new()),
+            kill_all: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
         let mut namespaces = Vec::new();
@@ -204,6 +216,7 @@ impl Dispatchers {
                 shutdown.clone(),
                 tracker.clone(),
             ));
+            tokio::spawn(ns.clone().watch_loop(shutdown.clone()));
         }
     }
 
@@ -220,6 +233,8 @@ impl Dispatchers {
                 }
             }
         }
+        // Retired processes still finishing a request are stopped too.
+        shared.kill_all.cancel();
         shared.tasks.close();
         if count > 0 {
             tracing::info!("stopping {count} Worker process(es)");
@@ -234,6 +249,25 @@ impl Dispatchers {
 
     pub fn status(&self) -> Vec<NamespaceStatus> {
         self.namespaces.iter().map(|ns| ns.status()).collect()
+    }
+}
+
+const SELF_EXE: &str = "/proc/self/exe";
+
+/// What a Worker process runs: the daemon's own executable, by its path (so
+/// that ps shows its name) while that path still is the running binary, else
+/// through /proc/self/exe (replaced on disk by an upgrade: Workers keep running
+/// the daemon's version).
+fn worker_exe(path: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let same = match (std::fs::metadata(path), std::fs::metadata(SELF_EXE)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    if same {
+        path.to_path_buf()
+    } else {
+        PathBuf::from(SELF_EXE)
     }
 }
 
@@ -617,7 +651,8 @@ impl Namespace {
 
     /// Reads the file that changed; a new content hash means a new component
     /// (compiled unless cached) and retires the process running the old one.
-    async fn load(&self, slot: &Slot, state: &mut SlotState, path: &Path) -> Result<(), Refusal> {
+    /// True when it retired one.
+    async fn load(&self, slot: &Slot, state: &mut SlotState, path: &Path) -> Result<bool, Refusal> {
         let name = &slot.name;
         let owned = path.to_path_buf();
         let read = tokio::task::spawn_blocking(move || read_worker_file(&owned))
@@ -637,9 +672,10 @@ impl Namespace {
         let same = state.artifact.as_ref().map(|a| a.hash) == Some(hash) && state.error.is_none();
         state.stamp = Some(stamp);
         if same {
-            return Ok(());
+            return Ok(false);
         }
-        if let Some(old) = slot.take_current() {
+        let retired = slot.take_current();
+        if let Some(old) = &retired {
             tracing::info!(
                 namespace = %self.config.namespace,
                 worker = %name,
@@ -663,13 +699,141 @@ impl Namespace {
                 state.error = Some(message);
             }
         }
-        Ok(())
+        Ok(retired.is_some())
+    }
+
+    /// Compiles a Worker file that was written (and starts its new process
+    /// when an old one was running), before any request asks for it.
+    async fn prepare(&self, name: &str) {
+        let path = self.config.workers.join(format!("{name}.wasm"));
+        let stamp = match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => FileStamp::of(&meta),
+            Ok(_) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget(name).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let slot = self.slot(name);
+        let mut state = slot.update.lock().await;
+        if state.stamp == Some(stamp) {
+            return;
+        }
+        let Ok(true) = self.load(&slot, &mut state, &path).await else {
+            return;
+        };
+        let Some(artifact) = state.artifact.clone() else {
+            return;
+        };
+        match self.start(name, &artifact).await {
+            Ok(process) => {
+                slot.starts.fetch_add(1, Ordering::Relaxed);
+                slot.set_current(Some(process));
+            }
+            Err(message) => {
+                tracing::warn!(namespace = %self.config.namespace, worker = %name, "{message}")
+            }
+        }
+    }
+
+    /// Compiles what the folder holds, then follows its changes until `shutdown`.
+    async fn watch_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let dir = self.config.workers.clone();
+        let mut watch = match watch::DirWatch::new() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(namespace = %self.config.namespace, "cannot watch {}: {e}; Workers are compiled on their first request", dir.display());
+                return;
+            }
+        };
+        loop {
+            if !watch.is_watching() {
+                if watch.watch(&dir).is_err() {
+                    // Not there (yet): requests still find files; look again later.
+                    tokio::select! {
+                        () = tokio::time::sleep(RETRY_WATCH) => continue,
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+                let names: Vec<String> = std::fs::read_dir(&dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| {
+                        watch::worker_of(&e.file_name().to_string_lossy()).map(str::to_string)
+                    })
+                    .collect();
+                for name in names {
+                    tokio::select! {
+                        () = self.prepare(&name) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            }
+            let events = tokio::select! {
+                events = watch.next() => events,
+                () = shutdown.cancelled() => return,
+            };
+            let events = match events {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!(namespace = %self.config.namespace, "watching {}: {e}", dir.display());
+                    return;
+                }
+            };
+            for event in events {
+                let (watch::Event::Written(file) | watch::Event::Removed(file)) = &event else {
+                    continue;
+                };
+                let Some(name) = watch::worker_of(file) else {
+                    continue;
+                };
+                tokio::select! {
+                    () = self.prepare(name) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
     }
 
     async fn compile(&self, hash: ContentHash, bytes: Vec<u8>) -> Result<Arc<Artifact>, String> {
         if let Some(found) = self.shared.cache.get(&hash) {
             return Ok(found);
         }
+        // The same component deployed under many names at once compiles once.
+        let gate = self
+            .shared
+            .compiling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(hash)
+            .or_default()
+            .clone();
+        let result = {
+            let _turn = gate.lock().await;
+            match self.shared.cache.get(&hash) {
+                Some(found) => Ok(found),
+                None => self.compile_now(hash, bytes).await,
+            }
+        };
+        let mut compiling = self
+            .shared
+            .compiling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Ours and the map's: nobody else waits on it.
+        if Arc::strong_count(&gate) == 2 {
+            compiling.remove(&hash);
+        }
+        result
+    }
+
+    async fn compile_now(
+        &self,
+        hash: ContentHash,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<Artifact>, String> {
         let engine = self.shared.engine.clone();
         let started = Instant::now();
         let sealed = tokio::task::spawn_blocking(move || {
@@ -702,7 +866,7 @@ impl Namespace {
             .open_worker(&id, self.policy.clone())
             .map_err(|e| format!("cannot start Worker {name}: {e}"))?;
         let spec = SpawnSpec {
-            exe: &self.shared.exe,
+            exe: &worker_exe(&self.shared.exe),
             arg0: &self.shared.arg0,
             namespace: &self.config.namespace,
             name,
@@ -712,6 +876,7 @@ impl Namespace {
             uid: self.shared.uid,
             gid: self.shared.gid,
             artifact,
+            kill_all: &self.shared.kill_all,
         };
         let process = process::spawn(spec, &self.shared.tasks)
             .await

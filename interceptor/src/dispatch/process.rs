@@ -56,6 +56,8 @@ pub struct SpawnSpec<'a> {
     pub uid: u32,
     pub gid: u32,
     pub artifact: &'a Arc<Artifact>,
+    /// Cancelling it stops this process (and every other started with it).
+    pub kill_all: &'a CancellationToken,
 }
 
 #[derive(Default)]
@@ -311,7 +313,8 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
         forward_stderr(stderr, tasks, label.clone(), pid);
     }
 
-    let stop = CancellationToken::new();
+    // A child of `kill_all`: the daemon's stop reaches retired processes too.
+    let stop = spec.kill_all.child_token();
     let exited = CancellationToken::new();
     // From here on the monitor owns the child: it alone signals and reaps it.
     let (state_tx, state_rx) = tokio::sync::oneshot::channel::<Arc<Process>>();

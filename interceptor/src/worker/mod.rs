@@ -98,29 +98,39 @@ pub struct WorkerArgs {
     pub memory_mb: Option<u64>,
 }
 
-/// Concurrent instances one Worker process can hold (the pooling allocator's
-/// slots). A request beyond it answers 500 until one finishes.
-pub const MAX_CONCURRENT_INSTANCES: u32 = 100;
+/// Requests one Worker process runs at once (HTTP/2 streams of its channel);
+/// the dispatcher's client queues any beyond.
+pub const MAX_CONCURRENT_REQUESTS: u32 = 100;
+
+/// Instances the pooling allocator has slots for: a little more than the
+/// requests, as an instance outlives its response by a moment.
+const POOL_SLOTS: u32 = MAX_CONCURRENT_REQUESTS + MAX_CONCURRENT_REQUESTS / 4;
 
 /// The one engine configuration, used by the daemon to precompile and by the
 /// Worker process to load: the component model, async, epoch interruption,
 /// Cranelift optimising for speed, and a pooling instance allocator (a fresh
 /// instance per request reuses a warm slot instead of mapping memory anew).
 ///
-/// The pool reserves address space only (`MAX_CONCURRENT_INSTANCES` slots);
-/// memory is committed as instances touch it and returned when they finish.
+/// The pool reserves address space up front (about 4 GiB per slot, never
+/// touched until used); memory is committed as instances touch it and given
+/// back when they finish. Where the address space cannot be had (a
+/// `ulimit -v`), the engine falls back to allocating on demand: artifacts
+/// do not depend on the allocator, so both load the same precompiled bytes.
 pub fn engine() -> Result<Engine, WorkerError> {
     let mut pool = PoolingAllocationConfig::new();
-    pool.total_component_instances(MAX_CONCURRENT_INSTANCES)
-        .total_core_instances(MAX_CONCURRENT_INSTANCES * 4)
-        .total_memories(MAX_CONCURRENT_INSTANCES * 2)
-        .total_tables(MAX_CONCURRENT_INSTANCES * 4)
-        .total_stacks(MAX_CONCURRENT_INSTANCES)
+    pool.total_component_instances(POOL_SLOTS)
+        .total_core_instances(POOL_SLOTS * 4)
+        .total_memories(POOL_SLOTS * 2)
+        .total_tables(POOL_SLOTS * 4)
+        .total_stacks(POOL_SLOTS)
         .max_unused_warm_slots(8);
-    engine_with(InstanceAllocationStrategy::Pooling(pool))
+    engine_with(InstanceAllocationStrategy::Pooling(pool)).or_else(|e| {
+        tracing::warn!("{e}; allocating Worker instances on demand instead");
+        engine_with(InstanceAllocationStrategy::OnDemand)
+    })
 }
 
-fn engine_with(strategy: InstanceAllocationStrategy) -> Result<Engine, WorkerError> {
+pub(crate) fn engine_with(strategy: InstanceAllocationStrategy) -> Result<Engine, WorkerError> {
     let mut config = Config::new();
     // Async support is always on in wasmtime 48 (`Config::async_support` is a
     // deprecated no-op); the runtime calls guests with the `_async` methods.

@@ -270,7 +270,7 @@ where
         async move { Ok::<_, std::convert::Infallible>(worker.handle(req).await) }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .max_concurrent_streams(1000)
+        .max_concurrent_streams(super::MAX_CONCURRENT_REQUESTS)
         .serve_connection(TokioIo::new(io), service)
         .await
         .map_err(WorkerError::Serve)
@@ -470,9 +470,24 @@ impl Clock {
                 std::thread::park();
                 continue;
             }
-            std::thread::sleep(TICK);
-            self.ticks.fetch_add(1, Ordering::Relaxed);
-            self.engine.increment_epoch();
+            // Tick against absolute deadlines, so that sleeps that overshoot
+            // (timer slack, scheduling) do not slow the clock down; after a
+            // long stall, start afresh rather than tick in a burst.
+            let mut start = std::time::Instant::now();
+            let mut n: u32 = 0;
+            while self.active.load(Ordering::Acquire) > 0 && !self.stop.load(Ordering::Relaxed) {
+                n += 1;
+                let due = start + TICK * n;
+                let now = std::time::Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                } else if now - due > TICK * 10 || n > 1_000_000 {
+                    start = now;
+                    n = 0;
+                }
+                self.ticks.fetch_add(1, Ordering::Relaxed);
+                self.engine.increment_epoch();
+            }
         }
     }
 

@@ -49,17 +49,25 @@ fn run(request: &IncomingRequest) -> Result<Answer, (u16, String)> {
             (percent_decode(k), percent_decode(v))
         })
         .collect();
-    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
 
     let url = match param("url") {
         Some(url) => url,
         None => request
             .headers()
-            .get(&"x-fetch-url".to_string())
+            .get("x-fetch-url")
             .into_iter()
             .next()
             .and_then(|v| String::from_utf8(v).ok())
-            .ok_or((400, "give the URL to fetch as ?url= or x-fetch-url".to_string()))?,
+            .ok_or((
+                400,
+                "give the URL to fetch as ?url= or x-fetch-url".to_string(),
+            ))?,
     };
     let count: u32 = match param("count") {
         Some(n) => n.parse().map_err(|_| (400, format!("bad count {n:?}")))?,
@@ -82,7 +90,10 @@ fn run(request: &IncomingRequest) -> Result<Answer, (u16, String)> {
         });
         last = Some(result);
     }
-    let statuses = ("x-fetch-statuses".to_string(), statuses.join(",").into_bytes());
+    let statuses = (
+        "x-fetch-statuses".to_string(),
+        statuses.join(",").into_bytes(),
+    );
     match last.expect("at least one fetch") {
         Ok((status, body)) => Ok((status, vec![statuses], body)),
         Err(e) => Ok((502, vec![statuses], e.into_bytes())),
