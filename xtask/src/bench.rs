@@ -173,42 +173,35 @@ fn parse_duration_us(s: &str) -> Option<f64> {
 /// Opens [`OPEN_CONNECTIONS`] kept-alive connections through the relay from a
 /// sandboxed process, each with one request answered, and reads the daemon's RSS.
 fn rss_with_open_connections(bin: &Path, dir: &Path, daemon_pid: u32) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
     let idle = rss_kib(daemon_pid)?;
-    let ready = dir.join("connections-open");
-    let release = dir.join("connections-release");
-    let _ = std::fs::remove_file(&ready);
-    let _ = std::fs::remove_file(&release);
+    // The holder says "open" on stdout once every connection is up, and keeps them
+    // until its stdin closes.
     let script = format!(
-        "import os,resource,socket,time\n\
+        "import resource,socket,sys\n\
          soft,hard=resource.getrlimit(resource.RLIMIT_NOFILE)\n\
          resource.setrlimit(resource.RLIMIT_NOFILE,(min(hard,{n}+100),hard))\n\
          host,port='{UPSTREAM}'.split(':')\nsocks=[]\n\
          for i in range({n}):\n  s=socket.create_connection((host,int(port)))\n\
          \x20 s.sendall(b'GET / HTTP/1.1\\r\\nHost: {UPSTREAM}\\r\\n\\r\\n')\n  s.recv(4096)\n  socks.append(s)\n\
-         open('{ready}','w').close()\n\
-         while not os.path.exists('{release}'): time.sleep(0.05)\n",
+         print('open',flush=True)\nsys.stdin.read()\n",
         n = OPEN_CONNECTIONS,
-        ready = ready.display(),
-        release = release.display(),
     );
     let mut client = Command::new(bin)
         .args(["exec", "--config"])
         .arg(dir.join("interceptor.toml"))
         .args(["--tenant", "bench", "--", "python3", "-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready.exists() {
-        if let Some(status) = client.try_wait()? {
-            bail!("the connection holder exited early ({status})");
-        }
-        if Instant::now() > deadline {
-            let _ = client.kill();
-            bail!("opening {OPEN_CONNECTIONS} connections took too long");
-        }
-        thread::sleep(Duration::from_millis(50));
+    let mut line = String::new();
+    BufReader::new(client.stdout.take().context("holder stdout")?).read_line(&mut line)?;
+    if line.trim() != "open" {
+        let status = client.wait()?;
+        bail!("the connection holder failed ({status})");
     }
     let open = rss_kib(daemon_pid)?;
-    std::fs::write(&release, "")?;
+    drop(client.stdin.take());
     client.wait()?;
     Ok((idle, open))
 }
