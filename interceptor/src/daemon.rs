@@ -25,7 +25,7 @@ use crate::ebpf::{self, Enforcement, RedirectTargets};
 use crate::logs::LogWriter;
 use crate::policy::OutboundPolicy;
 use crate::record::Recorder;
-use crate::relay::{self, LocalAddresses, RelayContext, TlsOrigin};
+use crate::relay::{self, LocalAddresses, RelayContext, RelayThreads, TlsOrigin};
 use crate::resolve::Resolver;
 use crate::tenants::{SandboxRegistry, Tenant, TenantId};
 
@@ -218,12 +218,18 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         context_key.clone(),
         tls_origin,
     );
+    // One relay thread per CPU: each owns its connections and upstream pools.
+    let relay_threads = RelayThreads::start(
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+        &relay_ctx,
+        &shutdown,
+        &tracker,
+    )?;
     for listener in relay_listeners {
         tokio::spawn(relay::serve(
             listener,
-            relay_ctx.clone(),
+            relay_threads.clone(),
             shutdown.clone(),
-            tracker.clone(),
         ));
     }
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();

@@ -6,12 +6,16 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use super::{LogEntry, LogError};
 
 /// At most this many tenant files are kept open; beyond it, idle ones are closed
 /// (and reopened on their next entry).
 const MAX_OPEN_FILES: usize = 128;
+/// How often the file behind a tenant's path is checked: a stat per line would
+/// cost as much as the write itself on the relay's hot path.
+const RECHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// Longest tenant name accepted (leaves room for `.jsonl.NNNN` in a 255-byte file name).
 const MAX_TENANT_LEN: usize = 200;
@@ -46,6 +50,10 @@ struct TenantFile {
     file: Option<File>,
     /// (dev, ino) of `file`.
     id: (u64, u64),
+    /// Size of the file as of our last write (other writers append too, rarely).
+    size: u64,
+    /// When the path was last checked against `file` (moved or deleted by logrotate?).
+    checked: Option<Instant>,
 }
 
 /// Appends [`LogEntry`]s to `<dir>/<tenant>.jsonl`, one JSON line per entry.
@@ -188,29 +196,38 @@ impl LogWriter {
                     path: current_path(&self.dir, tenant),
                     file: None,
                     id: (0, 0),
+                    size: 0,
+                    checked: None,
                 }))
             })
             .clone()
     }
 
     fn append(&self, tf: &mut TenantFile, line: &[u8]) -> io::Result<()> {
-        let size = match fs::metadata(&tf.path) {
-            Ok(m) => {
-                if (m.dev(), m.ino()) != tf.id {
-                    tf.file = None;
+        let due = tf.file.is_none() || tf.checked.is_none_or(|at| at.elapsed() >= RECHECK_EVERY);
+        let mut size = if due {
+            tf.checked = Some(Instant::now());
+            match fs::metadata(&tf.path) {
+                Ok(m) => {
+                    if (m.dev(), m.ino()) != tf.id {
+                        tf.file = None;
+                    }
+                    m.len()
                 }
-                m.len()
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tf.file = None;
+                    0
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tf.file = None;
-                0
-            }
-            Err(e) => return Err(e),
+        } else {
+            tf.size
         };
         if self.max_bytes > 0 && size > 0 && size.saturating_add(line.len() as u64) > self.max_bytes
         {
             tf.file = None;
             self.rotate(&tf.path)?;
+            size = 0;
         }
         let file = match &mut tf.file {
             Some(f) => f,
@@ -228,7 +245,9 @@ impl LogWriter {
         };
         // For a regular file, write(2) writes the whole buffer in one call; write_all only
         // loops on a short write (e.g. a full disk), which it then reports.
-        file.write_all(line)
+        file.write_all(line)?;
+        tf.size = size + line.len() as u64;
+        Ok(())
     }
 
     /// `.keep-1` → `.keep`, …, `.1` → `.2`, current → `.1` (or removes current when

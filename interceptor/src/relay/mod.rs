@@ -29,7 +29,8 @@ use crate::tenants::{Sandbox, SandboxRegistry};
 pub use origin_tls::{OriginTlsError, TlsOrigin};
 pub use upstream::LocalAddresses;
 
-/// What every connection handler shares.
+/// What every connection handler of one relay thread shares. Everything but the
+/// upstream connection pools is shared by all threads.
 pub struct RelayContext {
     pub destinations: DestinationTable,
     pub sandboxes: Arc<SandboxRegistry>,
@@ -40,7 +41,7 @@ pub struct RelayContext {
     pub context_key: Arc<ContextKey>,
     http_client: http::UpstreamClient,
     tls_origin: TlsOrigin,
-    subrequests: subrequests::SubrequestCounter,
+    subrequests: Arc<subrequests::SubrequestCounter>,
 }
 
 impl RelayContext {
@@ -64,6 +65,88 @@ impl RelayContext {
             tls_origin,
             subrequests: Default::default(),
         })
+    }
+
+    /// The context for another relay thread: the same state, its own pools (so a
+    /// thread's requests never wait on another thread's connections).
+    fn for_thread(&self) -> Arc<Self> {
+        Arc::new(RelayContext {
+            destinations: self.destinations.clone(),
+            sandboxes: self.sandboxes.clone(),
+            recorder: self.recorder.clone(),
+            resolver: self.resolver.clone(),
+            local: self.local.clone(),
+            context_key: self.context_key.clone(),
+            http_client: http::upstream_client(),
+            tls_origin: self.tls_origin.fresh_pool(),
+            subrequests: self.subrequests.clone(),
+        })
+    }
+}
+
+type Accepted = (std::net::TcpStream, SocketAddr);
+
+/// The relay's threads: each runs a single-threaded runtime that owns the
+/// connections handed to it, with its own upstream pools, so a request and its
+/// upstream connection are served on one thread without cross-thread wake-ups.
+pub struct RelayThreads {
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl RelayThreads {
+    pub fn start(
+        count: usize,
+        ctx: &RelayContext,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> std::io::Result<Arc<Self>> {
+        let mut senders = Vec::with_capacity(count);
+        for n in 0..count.max(1) {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let ctx = ctx.for_thread();
+            let shutdown = shutdown.clone();
+            let tracker = tracker.clone();
+            std::thread::Builder::new()
+                .name(format!("relay-{n}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        while let Some((stream, peer)) = rx.recv().await {
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => {
+                                    tracker.spawn(handle(
+                                        stream,
+                                        peer,
+                                        ctx.clone(),
+                                        shutdown.clone(),
+                                    ));
+                                }
+                                Err(e) => tracing::warn!("relay: {e}"),
+                            }
+                        }
+                        // Every acceptor is gone: finish this thread's connections.
+                        tracker.wait().await;
+                    })
+                })?;
+            senders.push(tx);
+        }
+        Ok(Arc::new(RelayThreads {
+            senders,
+            next: Default::default(),
+        }))
+    }
+
+    fn hand_over(&self, stream: TcpStream, peer: SocketAddr) {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.senders.len();
+        match stream.into_std() {
+            Ok(stream) => {
+                let _ = self.senders[n].send((stream, peer));
+            }
+            Err(e) => tracing::warn!("relay: {e}"),
+        }
     }
 }
 
@@ -92,24 +175,15 @@ impl Connection {
     }
 }
 
-/// Accepts until `shutdown`; each connection is a task on `tracker`.
-pub async fn serve(
-    listener: TcpListener,
-    ctx: Arc<RelayContext>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
+/// Accepts until `shutdown`, handing each connection to one of the relay threads.
+pub async fn serve(listener: TcpListener, threads: Arc<RelayThreads>, shutdown: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let ctx = ctx.clone();
-                let shutdown = shutdown.clone();
-                tracker.spawn(async move { handle(stream, peer, ctx, shutdown).await });
-            }
+            Ok((stream, peer)) => threads.hand_over(stream, peer),
             Err(e) => {
                 // EMFILE and friends: back off rather than spin.
                 tracing::warn!("relay accept: {e}");

@@ -76,6 +76,14 @@ impl TlsOrigin {
     }
 
     /// Sends `request` over TLS to `addr`, verifying the certificate for `server_name`.
+    /// Another pool with the same verification settings (one per relay thread).
+    pub fn fresh_pool(&self) -> Self {
+        TlsOrigin {
+            connector: self.connector.clone(),
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
+
     pub async fn send(
         &self,
         addr: SocketAddr,

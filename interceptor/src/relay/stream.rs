@@ -5,11 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tls_parser::{
     parse_tls_extensions, parse_tls_plaintext, SNIType, TlsExtension, TlsMessage,
     TlsMessageHandshake,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::http::elapsed_ms;
@@ -108,7 +112,7 @@ fn judge_address(conn: &Connection, ctx: &RelayContext) -> (Decision, Option<Soc
 /// Connects to `target` (or refuses when `None`) and copies bytes both ways until
 /// either side closes; records the outcome.
 async fn pipe<S: AsyncRead + AsyncWrite + Unpin>(
-    mut client: S,
+    client: S,
     conn: &Connection,
     ctx: &RelayContext,
     mut entry: LogEntry,
@@ -123,19 +127,21 @@ async fn pipe<S: AsyncRead + AsyncWrite + Unpin>(
     };
     entry.upstream = Some(target.to_string());
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await;
-    let mut server = match connected {
+    let server = match connected {
         Ok(Ok(server)) => server,
         Ok(Err(e)) => return fail(ctx, conn, entry, started, &e.to_string()),
         Err(_) => return fail(ctx, conn, entry, started, "connect timed out"),
     };
     let _ = server.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        Ok((sent, received)) => {
-            entry.bytes_sent = sent;
-            entry.bytes_received = received;
-        }
-        Err(e) => tracing::debug!(%target, "relay stream ended: {e}"),
+    // Counted as they are read, so a connection that ends in a reset still
+    // reports what crossed it.
+    let mut client = ReadCounter::new(client);
+    let mut server = ReadCounter::new(server);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        tracing::debug!(%target, "relay stream ended: {e}");
     }
+    entry.bytes_sent = client.count;
+    entry.bytes_received = server.count;
     entry.duration_ms = elapsed_ms(started);
     ctx.recorder.record(&entry, conn.log_enabled());
 }
@@ -146,4 +152,47 @@ fn fail(ctx: &RelayContext, conn: &Connection, mut entry: LogEntry, started: Ins
     entry.rule = "upstream".to_string();
     entry.duration_ms = elapsed_ms(started);
     ctx.recorder.record(&entry, conn.log_enabled());
+}
+
+/// Counts the bytes read from a stream.
+struct ReadCounter<S> {
+    inner: S,
+    count: u64,
+}
+
+impl<S> ReadCounter<S> {
+    fn new(inner: S) -> Self {
+        ReadCounter { inner, count: 0 }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadCounter<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.count += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadCounter<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
