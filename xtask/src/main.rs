@@ -176,6 +176,9 @@ fn run(release: bool, config: &Path, args: &[OsString]) -> Result<ExitCode> {
         .join("target")
         .join(if release { "release" } else { "debug" })
         .join("interceptor");
+    if config == Path::new("examples/interceptor.toml") {
+        print_demo_tour(&bin);
+    }
     let mut cmd = Command::new(&bin);
     cmd.current_dir(root())
         .arg("run")
@@ -185,6 +188,30 @@ fn run(release: bool, config: &Path, args: &[OsString]) -> Result<ExitCode> {
     // Become the daemon: signals reach it directly and its exit status is ours.
     let error = cmd.exec();
     Err(error).with_context(|| format!("cannot start {}", bin.display()))
+}
+
+/// What to try against the demo daemon, from another terminal.
+fn print_demo_tour(bin: &Path) {
+    let i = bin.display();
+    eprintln!(
+        "\n\
+xtask: the demo daemon is starting. Try, from another terminal (as root):\n\
+\n\
+  # User Workers through the dispatcher of namespace \"customers\"\n\
+  curl -s -H 'Host: hello.example.com' http://127.0.0.1:8080/\n\
+  curl -s -H 'Host: nobody.example.com' -o /dev/null -w '%{{http_code}}\\n' http://127.0.0.1:8080/   # 404\n\
+  curl -s -H 'Host: spin.example.com' http://127.0.0.1:8080/                                     # 500 after cpu_ms\n\
+  python3 -m http.server --bind 127.0.0.2 8000 &   # an upstream the demo calls api.example.com\n\
+  curl -s -H 'Host: fetch.example.com' 'http://127.0.0.1:8080/?url=http://api.example.com:8000/'\n\
+  curl -s -H 'Host: fetch.example.com' 'http://127.0.0.1:8080/?url=http://evil.example.com/'      # blocked\n\
+\n\
+  # any program, under the tenant acme's outbound Worker\n\
+  {i} exec --tenant acme -- curl -s http://api.example.com:8000/\n\
+  {i} exec --tenant acme -- curl -s -H 'Host: evil.example.com' http://127.0.0.2:8000/\n\
+\n\
+  {i} logs --tenant fetch      # or --tenant acme, --json, --follow\n\
+  {i} status\n"
+    );
 }
 
 fn test(args: &[OsString]) -> Result<ExitCode> {
