@@ -351,6 +351,20 @@ pub fn connect_direct(addr: SocketAddr) -> std::io::Result<TcpStream> {
     TcpStream::connect_timeout(&addr, Duration::from_secs(2))
 }
 
+/// The claims of `Bearer <JWT>`, verified (HS256) with `key` as an upstream would.
+pub fn jwt_claims(authorization: &str, key: &str) -> Value {
+    let token = authorization.strip_prefix("Bearer ").expect("Bearer token");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.required_spec_claims.clear();
+    jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(key.as_bytes()),
+        &validation,
+    )
+    .expect("the upstream verifies the JWT with the key")
+    .claims
+}
+
 /// Parses `k=v` lines a script printed.
 pub fn key_values(text: &str) -> BTreeMap<String, String> {
     text.lines()

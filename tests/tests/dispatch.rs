@@ -243,16 +243,7 @@ fn gone(pid: u32) -> bool {
 }
 
 fn claims_of(authorization: &str) -> Value {
-    let token = authorization.strip_prefix("Bearer ").expect("Bearer token");
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-    validation.required_spec_claims.clear();
-    jsonwebtoken::decode::<Value>(
-        token,
-        &jsonwebtoken::DecodingKey::from_secret(JWT_KEY.as_bytes()),
-        &validation,
-    )
-    .expect("the upstream verifies the JWT with the key")
-    .claims
+    jwt_claims(authorization, JWT_KEY)
 }
 
 #[test]
