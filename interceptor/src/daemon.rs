@@ -219,12 +219,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         tls_origin,
     );
     // One relay thread per CPU: each owns its connections and upstream pools.
-    let relay_threads = RelayThreads::start(
-        std::thread::available_parallelism().map_or(2, |n| n.get()),
-        &relay_ctx,
-        &shutdown,
-        &tracker,
-    )?;
+    let relay_threads = RelayThreads::start(relay_thread_count(), &relay_ctx, &shutdown, &tracker)?;
     for listener in relay_listeners {
         tokio::spawn(relay::serve(
             listener,
@@ -313,6 +308,15 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     drop(enforcement);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One per CPU unless `INTERCEPTOR_RELAY_THREADS` says otherwise.
+fn relay_thread_count() -> usize {
+    std::env::var("INTERCEPTOR_RELAY_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
 }
 
 /// Each relayed connection holds two descriptors: use all the hard limit allows.
