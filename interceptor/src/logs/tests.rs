@@ -290,6 +290,8 @@ fn writer_reopens_a_file_removed_behind_its_back() {
     let w = LogWriter::open(dir, 0, 0).unwrap();
     w.write(&entry_at("x", 0, 1, Verdict::Allow)).unwrap();
     fs::rename(dir.join("x.jsonl"), dir.join("x.old")).unwrap();
+    // The path is checked against the open file every RECHECK_EVERY, not per line.
+    std::thread::sleep(super::writer::RECHECK_EVERY + std::time::Duration::from_millis(50));
     w.write(&entry_at("x", 0, 2, Verdict::Allow)).unwrap();
     assert_eq!(read_lines(&dir.join("x.jsonl")).len(), 1);
     assert_eq!(read_lines(&dir.join("x.old")).len(), 1);

@@ -15,7 +15,7 @@ use super::{LogEntry, LogError};
 const MAX_OPEN_FILES: usize = 128;
 /// How often the file behind a tenant's path is checked: a stat per line would
 /// cost as much as the write itself on the relay's hot path.
-const RECHECK_EVERY: Duration = Duration::from_millis(500);
+pub(super) const RECHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// Longest tenant name accepted (leaves room for `.jsonl.NNNN` in a 255-byte file name).
 const MAX_TENANT_LEN: usize = 200;
