@@ -267,6 +267,16 @@ fn ipv6_and_kept_alive_connections_with_two_hosts() {
     assert!(printed.contains("same True"), "{}", text(&out));
     assert_eq!(api.requests().len(), 1);
     assert_eq!(api.requests()[0].uri, "/first");
+
+    // HTTP/1.0 without a Host header is judged by the dialled address.
+    let script = format!(
+        "import socket\ns=socket.create_connection(('127.0.0.2',{port}),timeout=5)\n\
+         s.sendall(b'GET /ten HTTP/1.0\\r\\n\\r\\n')\nprint(s.recv(12))\n",
+        port = api.port()
+    );
+    let out = d.python("acme", &script);
+    assert!(stdout(&out).contains(" 200"), "{}", text(&out));
+    assert_eq!(api.requests()[1].uri, "/ten");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! upstream connections; a blocked one gets a 403 and never reaches upstream.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -87,7 +88,8 @@ struct RequestTarget {
 impl RequestTarget {
     /// The absolute-form URI wins over the Host header (RFC 9112 §3.2.2). Its port
     /// defaults by scheme; a Host header's defaults to the port the sandbox dialled.
-    fn of(req: &Request<Incoming>, dialled_port: u16) -> Result<Self, &'static str> {
+    fn of(req: &Request<Incoming>, dialled: SocketAddr) -> Result<Self, &'static str> {
+        let dialled_port = dialled.port();
         let tls = match req.uri().scheme_str() {
             None | Some("http") => false,
             Some("https") => true,
@@ -100,14 +102,22 @@ impl RequestTarget {
         };
         let authority = match req.uri().authority() {
             Some(a) => a.clone(),
-            None => {
-                let host = req
-                    .headers()
-                    .get(HOST)
-                    .ok_or("request without a Host header")?;
-                let host = host.to_str().map_err(|_| "Host header is not ASCII")?;
-                Authority::from_str(host).map_err(|_| "malformed Host header")?
-            }
+            None => match req.headers().get(HOST) {
+                Some(host) => {
+                    let host = host.to_str().map_err(|_| "Host header is not ASCII")?;
+                    Authority::from_str(host).map_err(|_| "malformed Host header")?
+                }
+                // HTTP/1.0 may omit Host: the dialled address is all there is.
+                None if req.version() == Version::HTTP_10 => {
+                    let ip = dialled.ip().to_canonical();
+                    let literal = match ip {
+                        IpAddr::V4(v4) => v4.to_string(),
+                        IpAddr::V6(v6) => format!("[{v6}]"),
+                    };
+                    Authority::from_str(&literal).map_err(|_| "no usable host")?
+                }
+                None => return Err("request without a Host header"),
+            },
         };
         if authority.as_str().contains('@') {
             return Err("userinfo in the request target");
@@ -141,7 +151,7 @@ async fn handle_request(
 ) -> Response<RelayBody> {
     let started = Instant::now();
     let method = req.method().to_string();
-    let target = match RequestTarget::of(&req, conn.dst.port()) {
+    let target = match RequestTarget::of(&req, conn.dst) {
         Ok(target) => target,
         Err(why) => {
             let decision = Decision {
