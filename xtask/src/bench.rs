@@ -17,6 +17,8 @@ const RELAY_PORT: u16 = 25101;
 const DNS_PORT: u16 = 25153;
 const CGROUP: &str = "interceptor-bench";
 const OPEN_CONNECTIONS: usize = 1000;
+const DISPATCHER: &str = "127.0.0.1:25180";
+const WASMTIME_SERVE: &str = "127.0.0.1:25190";
 
 pub struct Options {
     pub seconds: u32,
@@ -39,34 +41,15 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     let mut daemon = Daemon::start(&bin, &dir)?;
 
     let url = format!("http://{UPSTREAM}/");
+    let sandboxed = Some((bin.as_path(), dir.join("interceptor.toml")));
     let wrk = |through: bool, close: bool| -> Result<Measurement> {
-        let mut cmd = if through {
-            let mut c = Command::new(&bin);
-            c.args(["exec", "--config"])
-                .arg(dir.join("interceptor.toml"))
-                .args(["--tenant", "bench", "--", "wrk"]);
-            c
-        } else {
-            Command::new("wrk")
-        };
-        cmd.args([
-            "-t1",
-            "-c",
-            &options.connections.to_string(),
-            "-d",
-            &format!("{}s", options.seconds),
-            "--latency",
-        ]);
-        if close {
-            cmd.args(["-H", "Connection: close"]);
-        }
-        cmd.arg(&url);
-        let out = cmd.output().context("cannot run wrk")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-        }
-        parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
+        let headers: &[&str] = if close { &["Connection: close"] } else { &[] };
+        run_wrk(
+            if through { sandboxed.as_ref() } else { None },
+            options,
+            headers,
+            &url,
+        )
     };
 
     eprintln!("bench: keep-alive, direct and through the interceptor");
@@ -77,6 +60,8 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     let relay_cpr = wrk(true, true)?;
     eprintln!("bench: relay RSS with {OPEN_CONNECTIONS} open connections");
     let (rss_idle, rss_open) = rss_with_open_connections(&bin, &dir, daemon.pid())?;
+    eprintln!("bench: User Workers through the dispatcher");
+    let workers = bench_workers(root, &dir, options)?;
     daemon.stop();
 
     let ratio = |a: &Measurement, b: &Measurement| a.requests_per_sec / b.requests_per_sec;
@@ -112,6 +97,50 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
         rss_idle as f64 / 1024.0,
         rss_open as f64 / 1024.0
     );
+    let _ = writeln!(
+        table,
+        "\n{:<34} {:>12} {:>10} {:>10}",
+        "User Workers", "requests/s", "p50 µs", "p99 µs"
+    );
+    for (name, m) in [
+        ("hello through the dispatcher", Some(&workers.hello)),
+        (
+            "hello under wasmtime serve",
+            workers.wasmtime_serve.as_ref(),
+        ),
+        (
+            "fetch (one subrequest) via dispatcher",
+            Some(&workers.fetch),
+        ),
+    ] {
+        match m {
+            Some(m) => {
+                let _ = writeln!(
+                    table,
+                    "{name:<34} {:>12.0} {:>10.0} {:>10.0}",
+                    m.requests_per_sec, m.p50_us, m.p99_us
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    table,
+                    "{name:<34} (wasmtime not installed: cargo install wasmtime-cli)"
+                );
+            }
+        }
+    }
+    if let Some(serve) = &workers.wasmtime_serve {
+        let _ = writeln!(
+            table,
+            "dispatcher / wasmtime serve throughput: {:.2}",
+            ratio(&workers.hello, serve)
+        );
+    }
+    let _ = writeln!(
+        table,
+        "cold start (first request, file compiled in the background): median {:.1} ms; racing the compile: median {:.1} ms",
+        workers.cold_ms, workers.cold_racing_ms
+    );
     print!("{table}");
 
     let json = |m: &Measurement| {
@@ -124,7 +153,8 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
         "{{\n  \"wrk\": {{\"threads\": 1, \"connections\": {}, \"seconds\": {}}},\n  \
          \"keep_alive\": {{\"direct\": {}, \"interceptor\": {}, \"ratio\": {:.3}, \"added_p50_us\": {:.1}}},\n  \
          \"connection_per_request\": {{\"direct\": {}, \"interceptor\": {}, \"ratio\": {:.3}}},\n  \
-         \"relay_rss_kib\": {{\"idle\": {rss_idle}, \"open_connections\": {OPEN_CONNECTIONS}, \"with_open_connections\": {rss_open}}}\n}}\n",
+         \"relay_rss_kib\": {{\"idle\": {rss_idle}, \"open_connections\": {OPEN_CONNECTIONS}, \"with_open_connections\": {rss_open}}},\n  \
+         \"workers\": {{\"hello_dispatcher\": {}, \"hello_wasmtime_serve\": {}, \"fetch_dispatcher\": {}, \"cold_start_ms\": {:.2}, \"cold_start_racing_compile_ms\": {:.2}}}\n}}\n",
         options.connections,
         options.seconds,
         json(&direct_ka),
@@ -134,11 +164,182 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
         json(&direct_cpr),
         json(&relay_cpr),
         ratio(&relay_cpr, &direct_cpr),
+        json(&workers.hello),
+        workers.wasmtime_serve.as_ref().map_or("null".to_string(), json),
+        json(&workers.fetch),
+        workers.cold_ms,
+        workers.cold_racing_ms,
     );
     let path = dir.join("report.json");
     std::fs::write(&path, report)?;
     eprintln!("bench: wrote {}", path.display());
     Ok(())
+}
+
+/// wrk against `url`, from inside the bench tenant's sandbox when `sandboxed`
+/// names the interceptor binary and its config.
+fn run_wrk(
+    sandboxed: Option<&(&Path, PathBuf)>,
+    options: &Options,
+    headers: &[&str],
+    url: &str,
+) -> Result<Measurement> {
+    let mut cmd = match sandboxed {
+        Some((bin, config)) => {
+            let mut c = Command::new(bin);
+            c.args(["exec", "--config"])
+                .arg(config)
+                .args(["--tenant", "bench", "--", "wrk"]);
+            c
+        }
+        None => Command::new("wrk"),
+    };
+    cmd.args([
+        "-t1",
+        "-c",
+        &options.connections.to_string(),
+        "-d",
+        &format!("{}s", options.seconds),
+        "--latency",
+    ]);
+    for header in headers {
+        cmd.args(["-H", header]);
+    }
+    cmd.arg(url);
+    let out = cmd.output().context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
+}
+
+struct WorkerMeasurements {
+    hello: Measurement,
+    wasmtime_serve: Option<Measurement>,
+    fetch: Measurement,
+    cold_ms: f64,
+    cold_racing_ms: f64,
+}
+
+/// The example Workers through the daemon's dispatcher (and `hello` under
+/// `wasmtime serve` when the CLI is installed), and cold starts.
+fn bench_workers(root: &Path, dir: &Path, options: &Options) -> Result<WorkerMeasurements> {
+    let built = root.join("target/workers");
+    let workers = dir.join("workers");
+    for name in ["hello", "fetch"] {
+        std::fs::copy(
+            built.join(format!("{name}.wasm")),
+            workers.join(format!("{name}.wasm")),
+        )
+        .with_context(|| format!("the example Worker {name} is not built"))?;
+    }
+    // Let the dispatcher compile them in the background first.
+    thread::sleep(Duration::from_millis(1500));
+    let url = format!("http://{DISPATCHER}/");
+    let hello = run_wrk(None, options, &["Host: hello.bench.test"], &url)?;
+    let fetch = run_wrk(
+        None,
+        options,
+        &["Host: fetch.bench.test"],
+        &format!("http://{DISPATCHER}/?url=http://{UPSTREAM}/"),
+    )?;
+
+    let mut cold = Vec::new();
+    let mut racing = Vec::new();
+    for n in 0..5 {
+        let name = format!("cold{n}");
+        std::fs::copy(
+            built.join("hello.wasm"),
+            workers.join(format!("{name}.wasm")),
+        )?;
+        thread::sleep(Duration::from_millis(1200));
+        cold.push(timed_request(&format!("{name}.bench.test"))?);
+        let name = format!("race{n}");
+        let staging = dir.join(format!("{name}.wasm"));
+        std::fs::copy(built.join("hello.wasm"), &staging)?;
+        std::fs::rename(&staging, workers.join(format!("{name}.wasm")))?;
+        racing.push(timed_request(&format!("{name}.bench.test"))?);
+    }
+
+    let wasmtime_serve = match wasmtime_cli().or_else(install_wasmtime_cli) {
+        Some(wasmtime) => {
+            let mut serve = Command::new(wasmtime)
+                .args(["serve", "--addr", WASMTIME_SERVE])
+                .arg(built.join("hello.wasm"))
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start wasmtime serve")?;
+            let measured = wait_for_port(WASMTIME_SERVE).and_then(|()| {
+                run_wrk(
+                    None,
+                    options,
+                    &["Host: hello.bench.test"],
+                    &format!("http://{WASMTIME_SERVE}/"),
+                )
+            });
+            let _ = serve.kill();
+            let _ = serve.wait();
+            Some(measured?)
+        }
+        None => None,
+    };
+    Ok(WorkerMeasurements {
+        hello,
+        wasmtime_serve,
+        fetch,
+        cold_ms: median(&mut cold),
+        cold_racing_ms: median(&mut racing),
+    })
+}
+
+/// One HTTP/1.0 request to the dispatcher: milliseconds until the whole answer is in.
+fn timed_request(host: &str) -> Result<f64> {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect(DISPATCHER)?;
+    write!(stream, "GET / HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    if !answer.starts_with("HTTP/1.0 200") && !answer.starts_with("HTTP/1.1 200") {
+        bail!("{host}: {}", answer.lines().next().unwrap_or(""));
+    }
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The comparison's `wasmtime serve`, the same wasmtime version as ours (once;
+/// several minutes). `None` (comparison skipped) if it cannot be installed.
+fn install_wasmtime_cli() -> Option<PathBuf> {
+    eprintln!("bench: installing wasmtime-cli 48 for the `wasmtime serve` comparison (once)");
+    let ok = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["install", "wasmtime-cli", "--version", "48.0.8", "--locked"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("bench: wasmtime-cli could not be installed; skipping the comparison");
+        return None;
+    }
+    wasmtime_cli()
+}
+
+/// `wasmtime` on PATH or in cargo's bin dir.
+fn wasmtime_cli() -> Option<PathBuf> {
+    let in_cargo = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|home| home.join("bin/wasmtime"));
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("wasmtime"))
+            .find(|p| p.exists())
+    });
+    on_path.or(in_cargo.filter(|p| p.exists()))
 }
 
 /// Requests/s and the 50th/99th latency percentiles from `wrk --latency`.
@@ -271,11 +472,18 @@ impl Daemon {
                  admin_socket = \"{run}/admin.sock\"\nlog_dir = \"{logs}\"\ncgroup = \"{CGROUP}\"\n\n\
                  [tenants.bench]\noutbound = \"egress\"\nparams = {{ customer_name = \"bench\" }}\n\n\
                  [outbound.egress]\ndefault = \"allow\"\nblock = [\"evil.example.com\"]\n\
-                 allow_cidrs = [\"127.0.0.2/32\"]\nlog = true\n",
+                 allow_cidrs = [\"127.0.0.2/32\"]\nlog = true\n\n\
+                 [[dispatch_namespaces]]\nnamespace = \"bench\"\nlisten = \"{DISPATCHER}\"\n\
+                 workers = \"{workers}\"\n\
+                 outbound = {{ service = \"egress\", parameters = [\"customer_name\", \"url\"] }}\n\
+                 limits = {{ cpu_ms = 1000, memory_mb = 128, subrequests = 1000 }}\n",
                 run = dir.join("run").display(),
                 logs = dir.join("logs").display(),
+                workers = dir.join("workers").display(),
             ),
         )?;
+        let _ = std::fs::remove_dir_all(dir.join("workers"));
+        std::fs::create_dir_all(dir.join("workers"))?;
         let _ = std::fs::remove_dir_all(dir.join("logs"));
         let child = Command::new(bin)
             .args(["run", "--config"])
