@@ -209,21 +209,6 @@ pub struct OutboundConfig {
     pub inject: Vec<InjectConfig>,
 }
 
-impl Default for OutboundConfig {
-    /// No rules: every host allowed, guarded ranges refused, logged.
-    fn default() -> Self {
-        OutboundConfig {
-            name: String::new(),
-            default: Action::Allow,
-            allow: Vec::new(),
-            block: Vec::new(),
-            allow_cidrs: Vec::new(),
-            log: true,
-            inject: Vec::new(),
-        }
-    }
-}
-
 /// `[[outbound.NAME.inject]]`.
 #[derive(Debug, Clone)]
 pub struct InjectConfig {
