@@ -265,7 +265,7 @@ fn bench_workers(root: &Path, dir: &Path, options: &Options) -> Result<WorkerMea
     let wasmtime_serve = match wasmtime_cli().or_else(install_wasmtime_cli) {
         Some(wasmtime) => {
             let mut serve = Command::new(wasmtime)
-                .args(["serve", "--addr", WASMTIME_SERVE])
+                .args(["serve", "-S", "cli", "--addr", WASMTIME_SERVE])
                 .arg(built.join("hello.wasm"))
                 .stdin(Stdio::null())
                 .stderr(Stdio::null())
