@@ -25,7 +25,7 @@ use crate::ebpf::{self, Enforcement, RedirectTargets};
 use crate::logs::LogWriter;
 use crate::policy::OutboundPolicy;
 use crate::record::Recorder;
-use crate::relay::{self, LocalAddresses, RelayContext, RelayThreads, TlsOrigin};
+use crate::relay::{self, LocalAddresses, RelayContext, RelayThreads, UpstreamPool};
 use crate::resolve::Resolver;
 use crate::tenants::{SandboxRegistry, Tenant, TenantId};
 
@@ -126,7 +126,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             return Err(DaemonError::InsideSubtree(own));
         }
     }
-    let tls_origin = TlsOrigin::new(&settings.upstream_ca)?;
+    let upstream_pool = UpstreamPool::new(&settings.upstream_ca)?;
     let user = nix::unistd::User::from_name(&settings.sandbox_user)
         .ok()
         .flatten()
@@ -216,7 +216,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         resolver.clone(),
         local.clone(),
         context_key.clone(),
-        tls_origin,
+        upstream_pool,
     );
     // One relay thread per CPU: each owns its connections and upstream pools.
     let relay_threads = RelayThreads::start(relay_thread_count(), &relay_ctx, &shutdown, &tracker)?;

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -18,9 +18,7 @@ use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -33,17 +31,7 @@ use crate::logs::{LogEntry, Proto, Verdict};
 use crate::policy::{Action, Decision};
 use crate::resolve::normalize_host;
 
-pub type UpstreamClient = Client<HttpConnector, Metered<Incoming>>;
 type RelayBody = UnsyncBoxBody<Bytes, hyper::Error>;
-
-pub fn upstream_client() -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(10)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector)
-}
 
 pub async fn serve(
     stream: Prefixed<TcpStream>,
@@ -272,14 +260,7 @@ async fn handle_request(
         .path_and_query()
         .map(PathAndQuery::as_str)
         .unwrap_or("/");
-    // Plain HTTP goes through the pool by address; TLS is addressed by name
-    // (certificate and SNI) and sent in origin-form.
-    let uri = if target.tls {
-        path.to_string()
-    } else {
-        format!("http://{upstream}{path}")
-    };
-    parts.uri = match Uri::from_str(&uri) {
+    parts.uri = match Uri::from_str(path) {
         Ok(uri) => uri,
         Err(_) => {
             return json(
@@ -294,17 +275,8 @@ async fn handle_request(
 
     let mut entry = new_entry(&decision, Verdict::Allow);
     entry.upstream = Some(upstream.to_string());
-    let sent_upstream = if target.tls {
-        ctx.tls_origin
-            .send(upstream, &target.host, upstream_req)
-            .await
-    } else {
-        ctx.http_client
-            .request(upstream_req)
-            .await
-            .map_err(|e| format!("upstream: {e}"))
-    };
-    match sent_upstream {
+    let server_name = target.tls.then_some(target.host.as_str());
+    match ctx.upstream.send(upstream, server_name, upstream_req).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);

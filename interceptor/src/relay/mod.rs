@@ -4,7 +4,7 @@
 
 mod body;
 mod http;
-mod origin_tls;
+mod pool;
 mod sniff;
 mod stream;
 mod subrequests;
@@ -26,7 +26,7 @@ use crate::record::Recorder;
 use crate::resolve::Resolver;
 use crate::tenants::{Sandbox, SandboxRegistry};
 
-pub use origin_tls::{OriginTlsError, TlsOrigin};
+pub use pool::{OriginTlsError, UpstreamPool};
 pub use upstream::LocalAddresses;
 
 /// What every connection handler of one relay thread shares. Everything but the
@@ -39,8 +39,7 @@ pub struct RelayContext {
     pub local: LocalAddresses,
     /// Verifies the request contexts dispatched Workers' subrequests carry.
     pub context_key: Arc<ContextKey>,
-    http_client: http::UpstreamClient,
-    tls_origin: TlsOrigin,
+    upstream: UpstreamPool,
     subrequests: Arc<subrequests::SubrequestCounter>,
 }
 
@@ -52,7 +51,7 @@ impl RelayContext {
         resolver: Arc<Resolver>,
         local: LocalAddresses,
         context_key: Arc<ContextKey>,
-        tls_origin: TlsOrigin,
+        upstream: UpstreamPool,
     ) -> Arc<Self> {
         Arc::new(RelayContext {
             destinations,
@@ -61,8 +60,7 @@ impl RelayContext {
             resolver,
             local,
             context_key,
-            http_client: http::upstream_client(),
-            tls_origin,
+            upstream,
             subrequests: Default::default(),
         })
     }
@@ -77,8 +75,7 @@ impl RelayContext {
             resolver: self.resolver.clone(),
             local: self.local.clone(),
             context_key: self.context_key.clone(),
-            http_client: http::upstream_client(),
-            tls_origin: self.tls_origin.fresh_pool(),
+            upstream: self.upstream.fresh_pool(),
             subrequests: self.subrequests.clone(),
         })
     }

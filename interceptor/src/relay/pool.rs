@@ -1,7 +1,10 @@
-//! TLS the relay originates itself: a User Worker's `https://` subrequests reach
-//! the relay in the clear (absolute-form), so the outbound Worker sees and
-//! changes them; the relay then speaks TLS to the upstream, verifying its
-//! certificate against the system roots plus `upstream_ca`.
+//! The relay's upstream HTTP connections, kept alive per (address, TLS server
+//! name) and reused by one relay thread.
+//!
+//! TLS is what the relay originates itself: a User Worker's `https://`
+//! subrequests reach the relay in the clear (absolute-form), so the outbound
+//! Worker sees and changes them; the relay then speaks TLS to the upstream,
+//! verifying its certificate against the system roots plus `upstream_ca`.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,8 +29,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IDLE: usize = 32;
 
 type Body = Metered<Incoming>;
-/// Idle connections by (address, TLS server name).
-type IdlePool = HashMap<(SocketAddr, String), Vec<SendRequest<Body>>>;
+/// Idle connections by (address, TLS server name or none for plain HTTP).
+type IdlePool = HashMap<(SocketAddr, Option<String>), Vec<SendRequest<Body>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginTlsError {
@@ -39,13 +42,13 @@ pub enum OriginTlsError {
     Config(#[from] rustls::Error),
 }
 
-/// Connections to TLS upstreams, reused per (address, server name).
-pub struct TlsOrigin {
+/// Connections to upstreams, reused per (address, TLS server name).
+pub struct UpstreamPool {
     connector: TlsConnector,
     idle: Mutex<IdlePool>,
 }
 
-impl TlsOrigin {
+impl UpstreamPool {
     pub fn new(extra_ca: &[PathBuf]) -> Result<Self, OriginTlsError> {
         let mut roots = RootCertStore::empty();
         // Unreadable system certificates are skipped; an operator's own CA files are not.
@@ -69,43 +72,55 @@ impl TlsOrigin {
                 .with_safe_default_protocol_versions()?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
-        Ok(TlsOrigin {
+        Ok(UpstreamPool {
             connector: TlsConnector::from(Arc::new(config)),
             idle: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Sends `request` over TLS to `addr`, verifying the certificate for `server_name`.
     /// Another pool with the same verification settings (one per relay thread).
     pub fn fresh_pool(&self) -> Self {
-        TlsOrigin {
+        UpstreamPool {
             connector: self.connector.clone(),
             idle: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Sends `request` (origin-form) to `addr`: over TLS verified for
+    /// `server_name` when there is one, else plain HTTP/1.1.
     pub async fn send(
         &self,
         addr: SocketAddr,
-        server_name: &str,
+        server_name: Option<&str>,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, String> {
-        let key = (addr, server_name.to_string());
-        let mut sender = match self.take_idle(&key) {
-            Some(sender) => sender,
-            None => self.connect(addr, server_name).await?,
+        let key = (addr, server_name.map(str::to_string));
+        let (mut sender, pooled) = match self.take_idle(&key) {
+            Some(sender) => (sender, true),
+            None => (self.connect(addr, server_name).await?, false),
         };
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("upstream: {e}"))?;
+        let response = match sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut failed) => match failed.take_message() {
+                // The upstream closed an idle connection just as it was reused:
+                // the request never left, so it goes again on a new connection.
+                Some(request) if pooled => {
+                    sender = self.connect(addr, server_name).await?;
+                    sender
+                        .send_request(request)
+                        .await
+                        .map_err(|e| format!("upstream: {e}"))?
+                }
+                _ => return Err(format!("upstream: {}", failed.error())),
+            },
+        };
         // The connection is reusable once the response body is done; hyper tells us
         // through readiness, so park it and let `take_idle` check.
         self.park(key, sender);
         Ok(response)
     }
 
-    fn take_idle(&self, key: &(SocketAddr, String)) -> Option<SendRequest<Body>> {
+    fn take_idle(&self, key: &(SocketAddr, Option<String>)) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let senders = idle.get_mut(key)?;
         while let Some(sender) = senders.pop() {
@@ -121,7 +136,7 @@ impl TlsOrigin {
         None
     }
 
-    fn park(&self, key: (SocketAddr, String), sender: SendRequest<Body>) {
+    fn park(&self, key: (SocketAddr, Option<String>), sender: SendRequest<Body>) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let senders = idle.entry(key).or_default();
         senders.retain(|s| !s.is_closed());
@@ -133,28 +148,38 @@ impl TlsOrigin {
     async fn connect(
         &self,
         addr: SocketAddr,
-        server_name: &str,
+        server_name: Option<&str>,
     ) -> Result<SendRequest<Body>, String> {
-        let name = ServerName::try_from(server_name.to_string())
-            .map_err(|_| format!("{server_name:?} is not a valid TLS server name"))?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| "upstream: connect timed out".to_string())?
             .map_err(|e| format!("upstream: {e}"))?;
         let _ = tcp.set_nodelay(true);
+        let Some(server_name) = server_name else {
+            return handshake(tcp).await;
+        };
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|_| format!("{server_name:?} is not a valid TLS server name"))?;
         let tls = self
             .connector
             .connect(name, tcp)
             .await
             .map_err(|e| format!("upstream TLS: {e}"))?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("upstream: {e}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("upstream TLS connection: {e}");
-            }
-        });
-        Ok(sender)
+        handshake(tls).await
     }
+}
+
+async fn handshake<S>(io: S) -> Result<SendRequest<Body>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("upstream: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("upstream connection: {e}");
+        }
+    });
+    Ok(sender)
 }
