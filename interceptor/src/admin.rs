@@ -138,7 +138,7 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>, shutdown: 
                 return;
             }
             let reply = match serde_json::from_str::<Request>(&line) {
-                Ok(request) => tokio::task::block_in_place(|| handler.handle(request)),
+                Ok(request) => handler.handle(request),
                 Err(e) => Reply::Error {
                     message: format!("bad request: {e}"),
                     usage: true,

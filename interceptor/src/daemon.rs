@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,25 +87,6 @@ async fn listen_udp(what: &'static str, addr: SocketAddr) -> Result<UdpSocket, D
         .map_err(|source| DaemonError::Listen { what, addr, source })
 }
 
-fn v4(addr: SocketAddr) -> SocketAddrV4 {
-    match addr {
-        SocketAddr::V4(a) => a,
-        SocketAddr::V6(a) => SocketAddrV4::new(
-            a.ip()
-                .to_ipv4_mapped()
-                .unwrap_or(std::net::Ipv4Addr::LOCALHOST),
-            a.port(),
-        ),
-    }
-}
-
-fn v6(addr: SocketAddr) -> SocketAddrV6 {
-    match addr {
-        SocketAddr::V6(a) => a,
-        SocketAddr::V4(a) => SocketAddrV6::new(Ipv6Addr::LOCALHOST, a.port(), 0, 0),
-    }
-}
-
 /// The cgroup v2 path of this process, from /proc/self/cgroup (`0::/path`).
 fn own_cgroup(mount: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
@@ -154,10 +135,16 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         .collect();
 
     // Bind first: a port in use fails the start before the kernel is touched.
-    let relay_v4 = SocketAddr::V4(v4(settings.relay));
-    let relay_v6 = settings.relay_v6();
-    let dns_v4 = SocketAddr::V4(v4(settings.dns));
-    let dns_v6 = settings.dns_v6();
+    let targets = RedirectTargets {
+        relay_v4: settings.relay,
+        relay_v6: settings.relay_v6(),
+        dns_v4: settings.dns,
+        dns_v6: settings.dns_v6(),
+    };
+    let relay_v4 = SocketAddr::V4(targets.relay_v4);
+    let relay_v6 = SocketAddr::V6(targets.relay_v6);
+    let dns_v4 = SocketAddr::V4(targets.dns_v4);
+    let dns_v6 = SocketAddr::V6(targets.dns_v6);
     let relay_listeners = [
         listen_tcp("relay", relay_v4)?,
         listen_tcp("relay", relay_v6)?,
@@ -174,12 +161,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         .collect::<Result<Vec<_>, _>>()?;
 
     let sandboxes = Arc::new(SandboxRegistry::create(root.clone(), tenants)?);
-    let mut enforcement = Enforcement::load(&RedirectTargets {
-        relay_v4: v4(relay_v4),
-        relay_v6: v6(relay_v6),
-        dns_v4: v4(dns_v4),
-        dns_v6: v6(dns_v6),
-    })?;
+    let mut enforcement = Enforcement::load(&targets)?;
     enforcement.attach(&root)?;
     tracing::info!(cgroup = %root.display(), "eBPF programs attached");
 

@@ -10,11 +10,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::ebpf::cgroup_id;
 use crate::policy::{OutboundPolicy, Params};
 
 /// A tenant's name, as used for its cgroup and its log file.
@@ -237,9 +237,4 @@ fn walk(dir: &Path, depth: usize, visit: &mut dyn FnMut(&Path, u64)) {
             walk(&entry.path(), depth + 1, visit);
         }
     }
-}
-
-/// The cgroup v2 id the kernel reports for a cgroup: its directory's inode.
-pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
-    Ok(fs::metadata(dir)?.ino())
 }

@@ -47,17 +47,9 @@ pub fn interceptor_bin() -> PathBuf {
     bin
 }
 
-/// The cgroup v2 mount, from /proc/self/mounts.
+/// The cgroup v2 mount, as the daemon finds it.
 pub fn cgroup2_mount() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("/proc/self/mounts");
-    mounts
-        .lines()
-        .find_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_, path, kind) = (fields.next()?, fields.next()?, fields.next()?);
-            (kind == "cgroup2").then(|| PathBuf::from(path))
-        })
-        .expect("no cgroup2 mount")
+    interceptor::ebpf::cgroup2_mount().expect("a cgroup v2 mount")
 }
 
 /// A TCP port free on 127.0.0.1 and ::1, for TCP and UDP alike.

@@ -17,6 +17,7 @@ const CONFIG: &str = r#"
 "blocked.test" = ["127.0.0.2"]
 "metadata.test" = ["169.254.169.254"]
 "v6.test" = ["::1"]
+"team.test" = ["127.0.0.2"]
 
 [tenants.acme]
 outbound = "egress"
@@ -31,6 +32,11 @@ allow_cidrs = ["127.0.0.2/32", "127.0.0.3/32", "::1/128"]
 host = "api.test"
 header = "Authorization"
 jwt = { algorithm = "HS256", key_file = "{dir}/jwt.key", ttl_seconds = 300, claims = { sub = "{customer_name}" } }
+
+[[outbound.egress.inject]]
+host = "team.test"
+header = "X-Team"
+value = "team-{team}"
 "#;
 
 fn daemon() -> Daemon {
@@ -636,4 +642,34 @@ fn a_forged_request_context_is_refused() {
     assert_eq!(status, "403", "{body}");
     assert!(body.contains("context:"), "{body}");
     assert!(api.requests().is_empty());
+}
+
+#[test]
+fn a_missing_parameter_stops_the_request_instead_of_sending_half_a_credential() {
+    if !privileged("a_missing_parameter_stops_the_request_instead_of_sending_half_a_credential") {
+        return;
+    }
+    let api = Upstream::start("127.0.0.2:0");
+    let port = api.port();
+    let d = daemon();
+    let resolve = format!("team.test:{port}:127.0.0.2");
+    let url = format!("http://team.test:{port}/team");
+
+    let (_, body, status) = curl(&d, &[], &["--resolve", &resolve, &url]);
+    assert_eq!(status, "502", "{body}");
+    assert!(body.contains("team"), "{body}");
+    assert!(
+        api.requests().is_empty(),
+        "a request without its credential went out"
+    );
+    let entry = d.wait_for_log("acme", |e| e["host"] == "team.test");
+    assert_eq!(entry["decision"], "error");
+    assert!(
+        entry["rule"].as_str().unwrap().starts_with("inject:"),
+        "{entry}"
+    );
+
+    let (_, body, status) = curl(&d, &[("team", "blue")], &["--resolve", &resolve, &url]);
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(api.requests()[0].header("x-team"), Some("team-blue"));
 }

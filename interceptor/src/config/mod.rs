@@ -9,7 +9,7 @@ mod parse;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 
 use hyper::header::HeaderName;
@@ -115,9 +115,9 @@ impl Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterceptorConfig {
     /// IPv4 relay address; see [`relay_v6`](Self::relay_v6).
-    pub relay: SocketAddr,
+    pub relay: SocketAddrV4,
     /// IPv4 DNS address; see [`dns_v6`](Self::dns_v6).
-    pub dns: SocketAddr,
+    pub dns: SocketAddrV4,
     pub admin_socket: PathBuf,
     pub log_dir: PathBuf,
     /// Path of the subtree below the cgroup2 mount, without leading `/` (e.g. `interceptor`).
@@ -149,13 +149,13 @@ impl Default for InterceptorConfig {
 
 impl InterceptorConfig {
     /// The IPv6 relay: `[::1]` on the relay's port.
-    pub fn relay_v6(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), self.relay.port())
+    pub fn relay_v6(&self) -> SocketAddrV6 {
+        SocketAddrV6::new(Ipv6Addr::LOCALHOST, self.relay.port(), 0, 0)
     }
 
     /// The IPv6 DNS address: `[::1]` on the DNS port.
-    pub fn dns_v6(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), self.dns.port())
+    pub fn dns_v6(&self) -> SocketAddrV6 {
+        SocketAddrV6::new(Ipv6Addr::LOCALHOST, self.dns.port(), 0, 0)
     }
 }
 

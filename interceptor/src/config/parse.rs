@@ -530,12 +530,12 @@ fn interceptor(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> InterceptorConfig {
     ctx.check_keys(t, INTERCEPTOR_KEYS);
     let mut c = InterceptorConfig::default();
     if let Some(f) = t.get("relay") {
-        if let Some(a) = ctx.socket_addr(&f, true) {
+        if let Some(SocketAddr::V4(a)) = ctx.socket_addr(&f, true) {
             c.relay = a;
         }
     }
     if let Some(f) = t.get("dns") {
-        if let Some(a) = ctx.socket_addr(&f, true) {
+        if let Some(SocketAddr::V4(a)) = ctx.socket_addr(&f, true) {
             c.dns = a;
         }
     }
@@ -770,10 +770,10 @@ fn namespaces(
 ) -> Vec<DispatchNamespace> {
     let mut out = Vec::new();
     let mut listens: Vec<(SocketAddr, String)> = vec![
-        (ic.relay, "the relay".into()),
-        (ic.relay_v6(), "the IPv6 relay".into()),
-        (ic.dns, "the DNS server".into()),
-        (ic.dns_v6(), "the IPv6 DNS server".into()),
+        (ic.relay.into(), "the relay".into()),
+        (ic.relay_v6().into(), "the IPv6 relay".into()),
+        (ic.dns.into(), "the DNS server".into()),
+        (ic.dns_v6().into(), "the IPv6 DNS server".into()),
     ];
     let mut names = BTreeSet::new();
     for t in ctx.tables(f, "[[dispatch_namespaces]]") {

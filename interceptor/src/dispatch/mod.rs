@@ -153,7 +153,7 @@ impl Dispatchers {
             sandboxes: sandboxes.clone(),
             uid,
             gid,
-            relay: config.interceptor.relay,
+            relay: config.interceptor.relay.into(),
             exe,
             arg0,
             next_request: AtomicU64::new(1),

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::ebpf::DestinationTable;
 use crate::logs::{Proto, Verdict};
-use crate::policy::{Action, Decision};
+use crate::policy::Action;
 use crate::record::Recorder;
 use crate::resolve::{normalize_host, Resolver};
 use crate::tenants::SandboxRegistry;
@@ -140,11 +140,7 @@ async fn answer(
             }
             None => {
                 entry.decision = Verdict::Error;
-                entry.rule = Decision {
-                    action: Action::Block,
-                    rule: "resolve".into(),
-                }
-                .rule;
+                entry.rule = "resolve".to_string();
                 respond(&request, ResponseCode::ServFail, Vec::new())
             }
         }

@@ -100,7 +100,7 @@ pub async fn relay_opaque(
 /// Judges the dialled address itself; `Some` address when it may be connected to.
 fn judge_address(conn: &Connection, ctx: &RelayContext) -> (Decision, Option<SocketAddr>) {
     let policy = &conn.sandbox.tenant.policy;
-    let dst = SocketAddr::new(upstream::canonical(conn.dst.ip()), conn.dst.port());
+    let dst = SocketAddr::new(conn.dst.ip().to_canonical(), conn.dst.port());
     if let Some(refused) = upstream::refuse_address(policy, &ctx.local, dst) {
         return (refused, None);
     }

@@ -2,7 +2,7 @@
 //! never blindly the one the sandbox dialled, and never a guarded range (SPEC §5)
 //! or the daemon's own listeners.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use crate::policy::{Action, Decision, OutboundPolicy};
 use crate::resolve::Resolver;
@@ -62,7 +62,8 @@ pub async fn choose(
         .map_err(|e| Refusal::Unresolvable(e.to_string()))?;
     let mut first_refusal = None;
     for ip in ips {
-        let addr = SocketAddr::new(canonical(ip), port);
+        // IPv4-mapped IPv6 addresses are connected to as the IPv4 address they carry.
+        let addr = SocketAddr::new(ip.to_canonical(), port);
         match refuse_address(policy, local, addr) {
             None => return Ok(addr),
             Some(d) => {
@@ -74,9 +75,4 @@ pub async fn choose(
         Some(d) => Refusal::Blocked(d),
         None => Refusal::Unresolvable(format!("{host}: no address")),
     })
-}
-
-/// IPv4-mapped IPv6 addresses are connected to as the IPv4 address they carry.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
 }
