@@ -161,10 +161,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         .collect::<Result<Vec<_>, _>>()?;
 
     let sandboxes = Arc::new(SandboxRegistry::create(root.clone(), tenants)?);
-    let mut enforcement = Enforcement::load(&targets)?;
-    enforcement.attach(&root)?;
-    tracing::info!(cgroup = %root.display(), "eBPF programs attached");
-
     let recorder = Recorder::new(LogWriter::open(
         &settings.log_dir,
         settings.log_max_bytes,
@@ -189,6 +185,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         user.uid.as_raw(),
         user.gid.as_raw(),
     )?);
+
+    // Last of the fallible steps: from here on, the subtree is enforced.
+    let mut enforcement = Enforcement::load(&targets)?;
+    enforcement.attach(&root)?;
+    tracing::info!(cgroup = %root.display(), "eBPF programs attached");
     dispatchers.serve(dispatch_listeners, &shutdown, &tracker);
 
     let relay_ctx = RelayContext::new(

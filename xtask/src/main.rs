@@ -215,7 +215,6 @@ xtask: the demo daemon is starting. Try, from another terminal (as root):\n\
 }
 
 fn test(args: &[OsString]) -> Result<ExitCode> {
-    ensure_nightly()?;
     if is_root() {
         ensure_debian_packages(TEST_PACKAGES)?;
     } else if env::var("INTERCEPTOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
@@ -227,8 +226,7 @@ fn test(args: &[OsString]) -> Result<ExitCode> {
     }
     // The integration tests start target/debug/interceptor; the Worker tests
     // load target/workers/NAME.wasm.
-    workers::build_workers(root())?;
-    check(cargo().args(["build", "-p", "interceptor"]))?;
+    build(false)?;
     // --no-fail-fast: every test binary runs, so one failure does not hide others.
     let st = status(
         cargo()

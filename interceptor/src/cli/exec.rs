@@ -3,8 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -62,39 +60,14 @@ fn spawn_and_wait(
     gid: u32,
     command: &[OsString],
 ) -> Result<i32, CliError> {
-    let procs_path = cgroup.join("cgroup.procs");
-    // Opened as root before dropping privileges: cgroup v2 checks the opener's
-    // credentials, so the child can move itself in after becoming the sandbox user.
-    let mut procs = OpenOptions::new()
-        .write(true)
-        .open(&procs_path)
-        .map_err(|e| CliError::failure(format!("{}: {e}", procs_path.display())))?;
+    let procs =
+        crate::sandbox::open_cgroup_procs(cgroup).map_err(|e| CliError::failure(e.to_string()))?;
     let procs_fd = procs.as_raw_fd();
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]);
-    // SAFETY: the closure only makes async-signal-safe system calls.
+    // SAFETY: `enter` only makes async-signal-safe system calls.
     unsafe {
-        cmd.pre_exec(move || {
-            let zero = b"0";
-            if libc::write(procs_fd, zero.as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Whatever descriptors this CLI inherited stay out of the sandbox.
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
-            Ok(())
-        });
+        cmd.pre_exec(move || crate::sandbox::enter(procs_fd, uid, gid, 3));
     }
     let mut child = cmd.spawn().map_err(|e| {
         let code = if e.kind() == std::io::ErrorKind::NotFound {
@@ -108,7 +81,6 @@ fn spawn_and_wait(
             bare: false,
         }
     })?;
-    let _ = procs.flush();
     drop(procs);
     CHILD.store(child.id() as i32, Ordering::Relaxed);
     // Like system(3): the terminal's interrupt goes to the child; we wait for it.

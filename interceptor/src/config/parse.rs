@@ -504,7 +504,7 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
     }
     let dispatch_namespaces = match root.get("dispatch_namespaces") {
-        Some(f) => namespaces(&mut ctx, &f, &outbound_names, &interceptor),
+        Some(f) => namespaces(&mut ctx, &f, &outbound_names, &interceptor, &tenants),
         None => Vec::new(),
     };
 
@@ -767,6 +767,7 @@ fn namespaces(
     f: &Field<'_>,
     outbounds: &BTreeSet<String>,
     ic: &InterceptorConfig,
+    tenants: &BTreeMap<String, TenantConfig>,
 ) -> Vec<DispatchNamespace> {
     let mut out = Vec::new();
     let mut listens: Vec<(SocketAddr, String)> = vec![
@@ -786,6 +787,13 @@ fn namespaces(
                     ctx.error(
                         nf.span(),
                         format!("dispatch namespace `{n}` is defined twice"),
+                    );
+                    None
+                } else if tenants.contains_key(&n) {
+                    // Both would own the cgroup `<cgroup>/<name>`.
+                    ctx.error(
+                        nf.span(),
+                        format!("dispatch namespace `{n}` has the name of a tenant; they share the cgroup namespace"),
                     );
                     None
                 } else {

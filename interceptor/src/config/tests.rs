@@ -439,3 +439,13 @@ fn example_config_is_valid() {
     let policies = crate::policy::OutboundPolicy::all_from_config(&c).unwrap();
     assert!(policies.contains_key("egress"));
 }
+
+#[test]
+fn a_namespace_cannot_share_a_tenants_name() {
+    let errs = errors("[tenants.acme]\n[[dispatch_namespaces]]\nnamespace = \"acme\"\nlisten = \"127.0.0.1:9000\"\nworkers = \"/w\"\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains(":3:13: dispatch namespace `acme` has the name of a tenant"),
+        "{errs:#?}"
+    );
+}

@@ -24,7 +24,6 @@ pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -110,7 +109,6 @@ struct Shared {
     gid: u32,
     relay: SocketAddr,
     exe: PathBuf,
-    arg0: OsString,
     next_request: AtomicU64,
     /// One compilation per content hash at a time.
     compiling: Mutex<HashMap<ContentHash, Arc<tokio::sync::Mutex<()>>>>,
@@ -145,7 +143,6 @@ impl Dispatchers {
         }
         let engine = crate::worker::engine().map_err(|e| DispatchError::Engine(e.to_string()))?;
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(SELF_EXE));
-        let arg0 = exe.clone().into_os_string();
         let shared = Arc::new(Shared {
             engine,
             cache: ArtifactCache::default(),
@@ -155,7 +152,6 @@ impl Dispatchers {
             gid,
             relay: config.interceptor.relay.into(),
             exe,
-            arg0,
             next_request: AtomicU64::new(1),
             compiling: Mutex::new(HashMap::new()),
             kill_all: CancellationToken::new(),
@@ -867,7 +863,6 @@ impl Namespace {
             .map_err(|e| format!("cannot start Worker {name}: {e}"))?;
         let spec = SpawnSpec {
             exe: &worker_exe(&self.shared.exe),
-            arg0: &self.shared.arg0,
             namespace: &self.config.namespace,
             name,
             relay: self.shared.relay,

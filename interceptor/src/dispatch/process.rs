@@ -9,15 +9,12 @@
 //! many requests at a time. The process is reaped by its monitor task, which is
 //! also the only one that signals it, so a pid is never signalled after reuse.
 
-use std::ffi::OsString;
-use std::fs::OpenOptions;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,8 +43,6 @@ pub const EXITED_MESSAGE: &str = "Worker process exited";
 pub struct SpawnSpec<'a> {
     /// The executable to run (normally `/proc/self/exe`).
     pub exe: &'a Path,
-    /// `argv[0]` shown by ps.
-    pub arg0: &'a OsString,
     pub namespace: &'a str,
     pub name: &'a str,
     pub relay: SocketAddr,
@@ -70,10 +65,7 @@ struct State {
 /// A running (or exited, not yet replaced) Worker process.
 pub struct Process {
     pub pid: u32,
-    pub namespace: String,
-    pub name: String,
     pub hash: ContentHash,
-    pub cgroup: PathBuf,
     pub started: Instant,
     sender: http2::SendRequest<Incoming>,
     state: Mutex<State>,
@@ -81,7 +73,6 @@ pub struct Process {
     stop: CancellationToken,
     /// Cancelled by the monitor once the process has been reaped.
     exited: CancellationToken,
-    served: AtomicU64,
 }
 
 /// An in-flight request's hold on its process: a retired process is stopped
@@ -122,7 +113,6 @@ impl Process {
             return None;
         }
         state.inflight += 1;
-        self.served.fetch_add(1, Ordering::Relaxed);
         Some(Lease {
             process: self.clone(),
         })
@@ -150,14 +140,6 @@ impl Process {
 
     pub fn has_exited(&self) -> bool {
         self.exited.is_cancelled()
-    }
-
-    pub async fn wait_exited(&self) {
-        self.exited.cancelled().await;
-    }
-
-    pub fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
     }
 
     pub fn inflight(&self) -> usize {
@@ -226,21 +208,14 @@ fn describe(status: &ExitStatus) -> String {
 /// Starts a Worker process and opens the HTTP/2 channel to it. The monitor,
 /// channel and stderr tasks run on `tasks`.
 pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<Process>> {
-    let procs_path = spec.cgroup.join("cgroup.procs");
-    // Opened as root: cgroup v2 checks the opener's credentials, so the child can
-    // move itself in before it drops them.
-    let procs = OpenOptions::new()
-        .write(true)
-        .open(&procs_path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", procs_path.display())))?;
+    let procs = crate::sandbox::open_cgroup_procs(spec.cgroup)?;
     let procs: OwnedFd = raise_fd(procs.into(), COMPONENT_FD + 1)?;
     let (ours, theirs) = socketpair()?;
     let theirs = raise_fd(theirs, COMPONENT_FD + 1)?;
     let component = raise_fd(spec.artifact.open_read_only()?, COMPONENT_FD + 1)?;
 
     let mut cmd = Command::new(spec.exe);
-    cmd.arg0(spec.arg0)
-        .arg("worker")
+    cmd.arg("worker")
         .arg("--name")
         .arg(spec.name)
         .arg("--relay")
@@ -269,38 +244,17 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {
         cmd.pre_exec(move || {
-            let fail = || Err(io::Error::last_os_error());
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return fail();
-            }
             if libc::setsid() < 0 {
-                return fail();
-            }
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-            {
-                return fail();
+                return Err(io::Error::last_os_error());
             }
             // The sources are all >= 5, so neither dup2 clobbers the other; dup2
-            // clears close-on-exec on the copies.
+            // clears close-on-exec on the copies, which `enter` leaves alone.
             if libc::dup2(channel_fd, CHANNEL_FD) != CHANNEL_FD
                 || libc::dup2(component_fd, COMPONENT_FD) != COMPONENT_FD
             {
-                return fail();
+                return Err(io::Error::last_os_error());
             }
-            // Anything else this process has stays out of the sandbox.
-            if libc::syscall(
-                libc::SYS_close_range,
-                (COMPONENT_FD + 1) as u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            ) != 0
-            {
-                return fail();
-            }
-            Ok(())
+            crate::sandbox::enter(procs_fd, uid, gid, (COMPONENT_FD + 1) as u32)
         });
     }
     let mut child = cmd.spawn()?;
@@ -348,16 +302,12 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
     let process = match open_channel(ours, tasks, &label, pid).await {
         Ok(sender) => Arc::new(Process {
             pid,
-            namespace: spec.namespace.to_string(),
-            name: spec.name.to_string(),
             hash: spec.artifact.hash,
-            cgroup: spec.cgroup.to_path_buf(),
             started: Instant::now(),
             sender,
             state: Mutex::new(State::default()),
             stop,
             exited,
-            served: AtomicU64::new(0),
         }),
         Err(e) => {
             stop.cancel();

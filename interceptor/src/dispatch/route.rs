@@ -5,20 +5,8 @@ use hyper::http::uri::{Authority, Scheme};
 use hyper::{Request, Uri};
 
 use crate::config::is_valid_name;
+use crate::headers::strip_hop_by_hop;
 use crate::policy::Host;
-
-/// Headers that belong to one HTTP/1.1 hop and are never forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Headers starting with this are the interceptor's own: a client never sets them.
 pub const RESERVED_PREFIX: &str = "x-interceptor-";
@@ -66,19 +54,7 @@ pub fn full_url(authority: &Authority, uri: &Uri) -> Uri {
 /// Removes hop-by-hop headers (and those `Connection` names), `Host` (HTTP/2
 /// carries it as `:authority`) and every `x-interceptor-*` header.
 pub fn strip_headers(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
+    strip_hop_by_hop(headers);
     headers.remove(HOST);
     let reserved: Vec<HeaderName> = headers
         .keys()

@@ -324,11 +324,6 @@ impl Enforcement {
         })
     }
 
-    /// The targets this instance redirects to.
-    pub fn targets(&self) -> &RedirectTargets {
-        &self.targets
-    }
-
     /// Attaches every program to the cgroup `cgroup_dir` (inherited by every
     /// cgroup below it) with `BPF_PROG_ATTACH` and `BPF_F_ALLOW_MULTI`.
     ///

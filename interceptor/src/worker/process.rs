@@ -66,7 +66,7 @@ fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         memory_mb: args.memory_mb,
     };
     let result = runtime.block_on(async {
-        let worker = Worker::new(&engine, &component, &args.name, args.relay, limits)?;
+        let worker = Worker::new(&engine, &component, args.relay, limits)?;
         let stream =
             tokio::net::UnixStream::from_std(channel).map_err(|e| WorkerError::Channel {
                 fd: CHANNEL_FD,

@@ -42,7 +42,6 @@ pub struct Limits {
 
 /// A loaded Worker: the linked component and what every request shares.
 pub struct Worker {
-    name: String,
     pre: ProxyPre<Host>,
     limits: Limits,
     outbound: Arc<Outbound>,
@@ -56,7 +55,6 @@ impl Worker {
     pub fn new(
         engine: &Engine,
         component: &Component,
-        name: &str,
         relay: SocketAddr,
         limits: Limits,
     ) -> Result<Arc<Self>, WorkerError> {
@@ -89,21 +87,12 @@ impl Worker {
         *clock.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(ticker.thread().clone());
 
         Ok(Arc::new(Worker {
-            name: name.to_string(),
             pre,
             limits,
             outbound: Arc::new(Outbound::new(relay)),
             clock,
             ticker: Mutex::new(Some(ticker)),
         }))
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn limits(&self) -> Limits {
-        self.limits
     }
 
     /// Runs one request in a fresh instance and answers it: the guest's

@@ -86,7 +86,7 @@ type Client = http2::SendRequest<Full<Bytes>>;
 /// the channel on the other.
 async fn start(name: &str, limits: Limits, relay: SocketAddr) -> Option<(Client, Arc<Worker>)> {
     let (engine, component) = component(name)?;
-    let worker = Worker::new(&engine, &component, name, relay, limits).expect("worker");
+    let worker = Worker::new(&engine, &component, relay, limits).expect("worker");
     let (ours, theirs) = tokio::net::UnixStream::pair().expect("socketpair");
     tokio::spawn(serve_channel(worker.clone(), theirs));
     let (client, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(ours))
@@ -593,7 +593,6 @@ async fn measure_hello_latency() {
         let worker = Worker::new(
             &engine,
             &component,
-            "hello",
             unused_relay(),
             Limits {
                 cpu_ms: Some(50),
