@@ -492,7 +492,12 @@ impl Namespace {
             }
         };
         let (mut parts, body) = req.into_parts();
-        let url = route::full_url(&authority, &parts.uri);
+        let Some(url) = route::full_url(&authority, &parts.uri) else {
+            return full(
+                StatusCode::BAD_REQUEST,
+                "the request target is not a URL path",
+            );
+        };
         let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
         let mut params = Params::new();
         if let Some(outbound) = &self.config.outbound {

@@ -40,15 +40,19 @@ pub fn worker_name(authority: &Authority) -> Option<String> {
     }
 }
 
-/// The incoming request's full URL, `http://<authority><path?query>`.
-pub fn full_url(authority: &Authority, uri: &Uri) -> Uri {
-    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+/// The incoming request's full URL, `http://<authority><path?query>`; `None`
+/// for a request target that is no URL path (e.g. `*`).
+pub fn full_url(authority: &Authority, uri: &Uri) -> Option<Uri> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    if !path.starts_with('/') {
+        return None;
+    }
     Uri::builder()
         .scheme(uri.scheme().cloned().unwrap_or(Scheme::HTTP))
         .authority(authority.clone())
-        .path_and_query(if path.is_empty() { "/".into() } else { path })
+        .path_and_query(path)
         .build()
-        .unwrap_or_else(|_| Uri::from_static("http://invalid/"))
+        .ok()
 }
 
 /// Removes hop-by-hop headers (and those `Connection` names), `Host` (HTTP/2
@@ -99,11 +103,11 @@ mod tests {
         let a: Authority = "hello.example.com:8080".parse().unwrap();
         let u: Uri = "/x/y?z=1".parse().unwrap();
         assert_eq!(
-            full_url(&a, &u).to_string(),
+            full_url(&a, &u).unwrap().to_string(),
             "http://hello.example.com:8080/x/y?z=1"
         );
         let u: Uri = "*".parse().unwrap();
-        assert!(full_url(&a, &u).to_string().starts_with("http://"));
+        assert_eq!(full_url(&a, &u), None);
     }
 
     #[test]
