@@ -25,7 +25,7 @@ use crate::ebpf::{self, Enforcement, RedirectTargets};
 use crate::logs::LogWriter;
 use crate::policy::OutboundPolicy;
 use crate::record::Recorder;
-use crate::relay::{self, LocalAddresses, RelayContext, RelayThreads, UpstreamPool};
+use crate::relay::{self, LocalAddresses, RelayContext, UpstreamPool};
 use crate::resolve::Resolver;
 use crate::tenants::{SandboxRegistry, Tenant, TenantId};
 
@@ -79,6 +79,43 @@ fn listen_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Daemo
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+/// `count` listeners on `addr` sharing it through `SO_REUSEPORT`, one per relay
+/// thread, so the kernel spreads connections over the threads and none is handed
+/// from thread to thread. A plain bind first makes a port held by anyone else
+/// (even another root process that would otherwise join the group) fail the start.
+/// Accepted sockets inherit `TCP_NODELAY` from the listener.
+fn listen_tcp_group(
+    what: &'static str,
+    addr: SocketAddr,
+    count: usize,
+) -> Result<Vec<std::net::TcpListener>, DaemonError> {
+    use socket2::{Domain, Socket, Type};
+    let err = |source| DaemonError::Listen { what, addr, source };
+    let socket = || -> io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        Ok(socket)
+    };
+    let probe = socket().map_err(err)?;
+    probe.bind(&addr.into()).map_err(err)?;
+    drop(probe);
+    (0..count.max(1))
+        .map(|_| {
+            let socket = socket()?;
+            socket.set_reuse_port(true)?;
+            socket.set_tcp_nodelay(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(LISTEN_BACKLOG as i32)?;
+            Ok(socket.into())
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(err)
 }
 
 async fn listen_udp(what: &'static str, addr: SocketAddr) -> Result<UdpSocket, DaemonError> {
@@ -145,9 +182,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let relay_v6 = SocketAddr::V6(targets.relay_v6);
     let dns_v4 = SocketAddr::V4(targets.dns_v4);
     let dns_v6 = SocketAddr::V6(targets.dns_v6);
+    let relay_threads = relay_thread_count();
     let relay_listeners = [
-        listen_tcp("relay", relay_v4)?,
-        listen_tcp("relay", relay_v6)?,
+        listen_tcp_group("relay", relay_v4, relay_threads)?,
+        listen_tcp_group("relay", relay_v6, relay_threads)?,
     ];
     let dns_sockets = [
         listen_udp("dns", dns_v4).await?,
@@ -201,15 +239,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         context_key.clone(),
         upstream_pool,
     );
-    // One relay thread per CPU: each owns its connections and upstream pools.
-    let relay_threads = RelayThreads::start(relay_thread_count(), &relay_ctx, &shutdown, &tracker)?;
-    for listener in relay_listeners {
-        tokio::spawn(relay::serve(
-            listener,
-            relay_threads.clone(),
-            shutdown.clone(),
-        ));
-    }
+    // One relay thread per CPU: each accepts on its own listeners and owns its
+    // connections and upstream pools.
+    let [v4, v6] = relay_listeners;
+    let per_thread = v4.into_iter().zip(v6).map(|(a, b)| vec![a, b]).collect();
+    relay::start_threads(per_thread, &relay_ctx, &shutdown, &tracker)?;
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let dns_ctx = Arc::new(DnsContext {
         destinations: enforcement.destinations(),

@@ -1,8 +1,9 @@
 //! The last step of every subrequest: count it for `interceptor status` and, when
 //! the tenant's outbound Worker logs, append it to the tenant's log.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,32 +19,52 @@ pub struct TenantCounters {
     pub bytes_received: u64,
 }
 
+/// [`TenantCounters`] that relay threads bump without a lock.
+#[derive(Default)]
+struct LiveCounters {
+    allowed: AtomicU64,
+    blocked: AtomicU64,
+    errors: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
+impl LiveCounters {
+    fn snapshot(&self) -> TenantCounters {
+        TenantCounters {
+            allowed: self.allowed.load(Relaxed),
+            blocked: self.blocked.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            bytes_sent: self.bytes_sent.load(Relaxed),
+            bytes_received: self.bytes_received.load(Relaxed),
+        }
+    }
+}
+
 pub struct Recorder {
     writer: LogWriter,
-    counters: Mutex<BTreeMap<String, TenantCounters>>,
+    counters: RwLock<HashMap<String, Arc<LiveCounters>>>,
 }
 
 impl Recorder {
     pub fn new(writer: LogWriter) -> Arc<Self> {
         Arc::new(Recorder {
             writer,
-            counters: Mutex::new(BTreeMap::new()),
+            counters: RwLock::new(HashMap::new()),
         })
     }
 
     /// Counts `entry` and, if `log`, writes it; the line is in the file when this returns.
     pub fn record(&self, entry: &LogEntry, log: bool) {
-        {
-            let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-            let c = counters.entry(entry.tenant.clone()).or_default();
-            match entry.decision {
-                Verdict::Allow => c.allowed += 1,
-                Verdict::Block => c.blocked += 1,
-                Verdict::Error => c.errors += 1,
-            }
-            c.bytes_sent += entry.bytes_sent;
-            c.bytes_received += entry.bytes_received;
+        let c = self.counters_of(&entry.tenant);
+        match entry.decision {
+            Verdict::Allow => &c.allowed,
+            Verdict::Block => &c.blocked,
+            Verdict::Error => &c.errors,
         }
+        .fetch_add(1, Relaxed);
+        c.bytes_sent.fetch_add(entry.bytes_sent, Relaxed);
+        c.bytes_received.fetch_add(entry.bytes_received, Relaxed);
         if log {
             if let Err(e) = self.writer.write(entry) {
                 tracing::error!(tenant = %entry.tenant, "cannot write log entry: {e}");
@@ -51,11 +72,30 @@ impl Recorder {
         }
     }
 
+    fn counters_of(&self, tenant: &str) -> Arc<LiveCounters> {
+        if let Some(c) = self
+            .counters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(tenant)
+        {
+            return c.clone();
+        }
+        self.counters
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(tenant.to_owned())
+            .or_default()
+            .clone()
+    }
+
     pub fn counters(&self) -> BTreeMap<String, TenantCounters> {
         self.counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(tenant, c)| (tenant.clone(), c.snapshot()))
+            .collect()
     }
 
     /// Makes every written line durable (on shutdown, and periodically).

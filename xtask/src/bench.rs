@@ -237,11 +237,11 @@ fn bench_workers(root: &Path, dir: &Path, options: &Options) -> Result<WorkerMea
     // Let the dispatcher compile them in the background first.
     thread::sleep(Duration::from_millis(1500));
     let url = format!("http://{DISPATCHER}/");
-    let hello = run_wrk(None, options, &["Host: hello.bench.test"], &url)?;
+    let hello = run_wrk(None, options, &["Host: hello.workers.test"], &url)?;
     let fetch = run_wrk(
         None,
         options,
-        &["Host: fetch.bench.test"],
+        &["Host: fetch.workers.test"],
         &format!("http://{DISPATCHER}/?url=http://{UPSTREAM}/"),
     )?;
 
@@ -254,12 +254,12 @@ fn bench_workers(root: &Path, dir: &Path, options: &Options) -> Result<WorkerMea
             workers.join(format!("{name}.wasm")),
         )?;
         thread::sleep(Duration::from_millis(1200));
-        cold.push(timed_request(&format!("{name}.bench.test"))?);
+        cold.push(timed_request(&format!("{name}.workers.test"))?);
         let name = format!("race{n}");
         let staging = dir.join(format!("{name}.wasm"));
         std::fs::copy(built.join("hello.wasm"), &staging)?;
         std::fs::rename(&staging, workers.join(format!("{name}.wasm")))?;
-        racing.push(timed_request(&format!("{name}.bench.test"))?);
+        racing.push(timed_request(&format!("{name}.workers.test"))?);
     }
 
     let wasmtime_serve = match wasmtime_cli().or_else(install_wasmtime_cli) {
@@ -275,7 +275,7 @@ fn bench_workers(root: &Path, dir: &Path, options: &Options) -> Result<WorkerMea
                 run_wrk(
                     None,
                     options,
-                    &["Host: hello.bench.test"],
+                    &["Host: hello.workers.test"],
                     &format!("http://{WASMTIME_SERVE}/"),
                 )
             });
@@ -473,7 +473,7 @@ impl Daemon {
                  [tenants.bench]\noutbound = \"egress\"\nparams = {{ customer_name = \"bench\" }}\n\n\
                  [outbound.egress]\ndefault = \"allow\"\nblock = [\"evil.example.com\"]\n\
                  allow_cidrs = [\"127.0.0.2/32\"]\nlog = true\n\n\
-                 [[dispatch_namespaces]]\nnamespace = \"bench\"\nlisten = \"{DISPATCHER}\"\n\
+                 [[dispatch_namespaces]]\nnamespace = \"workers\"\nlisten = \"{DISPATCHER}\"\n\
                  workers = \"{workers}\"\n\
                  outbound = {{ service = \"egress\", parameters = [\"customer_name\", \"url\"] }}\n\
                  limits = {{ cpu_ms = 1000, memory_mb = 128, subrequests = 1000 }}\n",

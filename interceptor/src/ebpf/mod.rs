@@ -19,11 +19,11 @@ use std::{
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError},
+    maps::{Array, HashMap, IterableMap, MapData, MapError},
     programs::{Program, ProgramError},
     Ebpf,
 };
@@ -315,10 +315,8 @@ impl Enforcement {
         Ok(Self {
             ebpf,
             table: DestinationTable {
-                inner: Arc::new(Mutex::new(Tables {
-                    destinations,
-                    handoff,
-                })),
+                destinations: Arc::new(destinations),
+                handoff: Arc::new(handoff),
             },
             targets: *targets,
         })
@@ -495,14 +493,10 @@ pub fn detach_all(cgroup_dir: &Path) -> Result<usize, EbpfError> {
 /// Where redirected sockets wanted to go, shared by the relay and DNS tasks.
 #[derive(Clone)]
 pub struct DestinationTable {
-    inner: Arc<Mutex<Tables>>,
-}
-
-struct Tables {
     /// `SOCKET_DESTINATIONS`: socket cookie → destination.
-    destinations: HashMap<MapData, u64, OriginalDestination>,
+    destinations: Arc<HashMap<MapData, u64, OriginalDestination>>,
     /// `RELAY_HANDOFF`: client (address, port) → destination.
-    handoff: HashMap<MapData, ClientSocket, OriginalDestination>,
+    handoff: Arc<HashMap<MapData, ClientSocket, OriginalDestination>>,
 }
 
 impl fmt::Debug for DestinationTable {
@@ -518,18 +512,16 @@ impl DestinationTable {
     /// connection was not redirected by our programs.
     pub fn take_for_relay(&self, peer: SocketAddr) -> Option<OriginalDestination> {
         let key = ClientSocket::from_socket_addr(peer);
-        let mut tables = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let found = tables.handoff.get(&key, 0).ok()?;
-        // Already gone (LRU eviction) is fine: we have the value.
-        let _ = tables.handoff.remove(&key);
-        Some(found)
+        // One syscall, and no lock: every relay thread takes from the map at once.
+        sys::map_lookup_and_delete(self.handoff.map().fd().as_fd(), &key)
+            .ok()
+            .flatten()
     }
 
     /// The recorded original destination of the socket with this cookie
     /// (`SO_COOKIE`), kept until the socket is released.
     pub fn by_cookie(&self, cookie: u64) -> Option<OriginalDestination> {
-        let tables = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        tables.destinations.get(&cookie, 0).ok()
+        self.destinations.get(&cookie, 0).ok()
     }
 }
 

@@ -47,7 +47,8 @@ pub(crate) fn rotated_path(current: &Path, n: u32) -> PathBuf {
 
 struct TenantFile {
     path: PathBuf,
-    file: Option<File>,
+    /// Shared so the write itself happens outside the lock.
+    file: Option<Arc<File>>,
     /// (dev, ino) of `file`.
     id: (u64, u64),
     /// Size of the file as of our last write (other writers append too, rarely).
@@ -135,8 +136,18 @@ impl LogWriter {
         line.push('\n');
         let slot = self.slot(&entry.tenant);
         let mut tf = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        self.append(&mut tf, line.as_bytes())
-            .map_err(|e| LogError::io(format!("cannot write log file {}", tf.path.display()), e))
+        let file = self
+            .reserve(&mut tf, line.len() as u64)
+            .map_err(|e| LogError::io(format!("cannot write log file {}", tf.path.display()), e))?;
+        let path = tf.path.clone();
+        drop(tf);
+        // O_APPEND makes each write(2) land whole at the end, even with other relay
+        // threads writing the same file; the lock is not held during the syscall.
+        // For a regular file one write(2) takes the whole buffer; write_all only
+        // loops on a short write (e.g. a full disk), which it then reports.
+        (&*file)
+            .write_all(line.as_bytes())
+            .map_err(|e| LogError::io(format!("cannot write log file {}", path.display()), e))
     }
 
     /// fsyncs every open log file and the directory.
@@ -203,7 +214,9 @@ impl LogWriter {
             .clone()
     }
 
-    fn append(&self, tf: &mut TenantFile, line: &[u8]) -> io::Result<()> {
+    /// Counts `len` more bytes into the tenant's file, rotating it first if they
+    /// would not fit, and gives the file to write them to.
+    fn reserve(&self, tf: &mut TenantFile, len: u64) -> io::Result<Arc<File>> {
         let due = tf.file.is_none() || tf.checked.is_none_or(|at| at.elapsed() >= RECHECK_EVERY);
         let mut size = if due {
             tf.checked = Some(Instant::now());
@@ -223,8 +236,7 @@ impl LogWriter {
         } else {
             tf.size
         };
-        if self.max_bytes > 0 && size > 0 && size.saturating_add(line.len() as u64) > self.max_bytes
-        {
+        if self.max_bytes > 0 && size > 0 && size.saturating_add(len) > self.max_bytes {
             tf.file = None;
             self.rotate(&tf.path)?;
             size = 0;
@@ -240,14 +252,12 @@ impl LogWriter {
                     .open(&tf.path)?;
                 let m = f.metadata()?;
                 tf.id = (m.dev(), m.ino());
-                slot.insert(f)
+                slot.insert(Arc::new(f))
             }
-        };
-        // For a regular file, write(2) writes the whole buffer in one call; write_all only
-        // loops on a short write (e.g. a full disk), which it then reports.
-        file.write_all(line)?;
-        tf.size = size + line.len() as u64;
-        Ok(())
+        }
+        .clone();
+        tf.size = size + len;
+        Ok(file)
     }
 
     /// `.keep-1` → `.keep`, …, `.1` → `.2`, current → `.1` (or removes current when

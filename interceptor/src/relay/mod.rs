@@ -81,70 +81,47 @@ impl RelayContext {
     }
 }
 
-type Accepted = (std::net::TcpStream, SocketAddr);
-
-/// The relay's threads: each runs a single-threaded runtime that owns the
-/// connections handed to it, with its own upstream pools, so a request and its
-/// upstream connection are served on one thread without cross-thread wake-ups.
-pub struct RelayThreads {
-    senders: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
-    next: std::sync::atomic::AtomicUsize,
-}
-
-impl RelayThreads {
-    pub fn start(
-        count: usize,
-        ctx: &RelayContext,
-        shutdown: &CancellationToken,
-        tracker: &TaskTracker,
-    ) -> std::io::Result<Arc<Self>> {
-        let mut senders = Vec::with_capacity(count);
-        for n in 0..count.max(1) {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let ctx = ctx.for_thread();
-            let shutdown = shutdown.clone();
-            let tracker = tracker.clone();
-            std::thread::Builder::new()
-                .name(format!("relay-{n}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        while let Some((stream, peer)) = rx.recv().await {
-                            match TcpStream::from_std(stream) {
-                                Ok(stream) => {
-                                    tracker.spawn(handle(
-                                        stream,
-                                        peer,
-                                        ctx.clone(),
-                                        shutdown.clone(),
-                                    ));
-                                }
-                                Err(e) => tracing::warn!("relay: {e}"),
+/// Starts one relay thread per entry of `listeners`. Each runs a single-threaded
+/// runtime that accepts on its own listeners (sharing the relay addresses through
+/// `SO_REUSEPORT`) and serves those connections with its own upstream pools, so a
+/// request and its upstream connection never leave the thread that accepted it.
+pub fn start_threads(
+    listeners: Vec<Vec<std::net::TcpListener>>,
+    ctx: &RelayContext,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> std::io::Result<()> {
+    for (n, listeners) in listeners.into_iter().enumerate() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let ctx = ctx.for_thread();
+        let shutdown = shutdown.clone();
+        let tracker = tracker.clone();
+        std::thread::Builder::new()
+            .name(format!("relay-{n}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    for listener in listeners {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                tokio::spawn(serve(
+                                    listener,
+                                    ctx.clone(),
+                                    shutdown.clone(),
+                                    tracker.clone(),
+                                ));
                             }
+                            Err(e) => tracing::error!("relay listener: {e}"),
                         }
-                        // Every acceptor is gone: finish this thread's connections.
-                        tracker.wait().await;
-                    })
-                })?;
-            senders.push(tx);
-        }
-        Ok(Arc::new(RelayThreads {
-            senders,
-            next: Default::default(),
-        }))
+                    }
+                    shutdown.cancelled().await;
+                    // Accepting has stopped: finish this thread's connections.
+                    tracker.wait().await;
+                })
+            })?;
     }
-
-    fn hand_over(&self, stream: TcpStream, peer: SocketAddr) {
-        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.senders.len();
-        match stream.into_std() {
-            Ok(stream) => {
-                let _ = self.senders[n].send((stream, peer));
-            }
-            Err(e) => tracing::warn!("relay: {e}"),
-        }
-    }
+    Ok(())
 }
 
 /// One redirected connection, once identified.
@@ -172,15 +149,22 @@ impl Connection {
     }
 }
 
-/// Accepts until `shutdown`, handing each connection to one of the relay threads.
-pub async fn serve(listener: TcpListener, threads: Arc<RelayThreads>, shutdown: CancellationToken) {
+/// Accepts until `shutdown`; each connection is served on this thread.
+async fn serve(
+    listener: TcpListener,
+    ctx: Arc<RelayContext>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => return,
         };
         match accepted {
-            Ok((stream, peer)) => threads.hand_over(stream, peer),
+            Ok((stream, peer)) => {
+                tracker.spawn(handle(stream, peer, ctx.clone(), shutdown.clone()));
+            }
             Err(e) => {
                 // EMFILE and friends: back off rather than spin.
                 tracing::warn!("relay accept: {e}");
@@ -207,7 +191,6 @@ async fn handle(
         tracing::warn!(%peer, cgroup_id = original.cgroup_id, "connection from a cgroup outside every tenant; closed");
         return;
     };
-    let _ = stream.set_nodelay(true);
     let conn = Connection {
         sandbox,
         dst: original.socket_addr(),
