@@ -258,7 +258,12 @@ impl OutboundPolicy {
 
     /// The injections whose `host` pattern matches `host`, in config order.
     pub fn injections_for<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a Injection> + 'a {
-        let host = Host::parse(host);
+        // Most policies inject nothing: don't parse the host for them.
+        let host = if self.injections.is_empty() {
+            None
+        } else {
+            Host::parse(host)
+        };
         self.injections
             .iter()
             .filter(move |i| host.as_ref().is_some_and(|h| i.host.matches_host(h)))

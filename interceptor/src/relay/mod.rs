@@ -129,13 +129,15 @@ pub(crate) struct Connection {
     pub sandbox: Arc<Sandbox>,
     /// What the sandbox dialled.
     pub dst: SocketAddr,
+    /// `dst` as logged, formatted once for all the connection's requests.
+    dst_text: String,
     pub pid: u32,
 }
 
 impl Connection {
     /// A log entry for this connection with what every protocol knows.
     fn entry(&self, proto: Proto, decision: &Decision, verdict: Verdict) -> LogEntry {
-        let mut entry = LogEntry::new(&self.sandbox.tenant.id.0, proto, self.dst);
+        let mut entry = LogEntry::with_dst(&self.sandbox.tenant.id.0, proto, self.dst_text.clone());
         entry.worker = self.sandbox.worker.as_ref().map(|w| w.name.clone());
         entry.pid = Some(self.pid);
         entry.params = self.sandbox.params.clone();
@@ -191,9 +193,11 @@ async fn handle(
         tracing::warn!(%peer, cgroup_id = original.cgroup_id, "connection from a cgroup outside every tenant; closed");
         return;
     };
+    let dst = original.socket_addr();
     let conn = Connection {
         sandbox,
-        dst: original.socket_addr(),
+        dst,
+        dst_text: dst.to_string(),
         pid: original.pid,
     };
     let (protocol, prefix) = match sniff::sniff(&mut stream).await {
