@@ -243,7 +243,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     // connections and upstream pools.
     let [v4, v6] = relay_listeners;
     let per_thread = v4.into_iter().zip(v6).map(|(a, b)| vec![a, b]).collect();
-    relay::start_threads(per_thread, &relay_ctx, &shutdown, &tracker)?;
+    let relay_threads = relay::start_threads(per_thread, &relay_ctx, &shutdown, &tracker)?;
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let dns_ctx = Arc::new(DnsContext {
         destinations: enforcement.destinations(),
@@ -317,6 +317,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         .is_err()
     {
         tracing::warn!("in-flight connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    } else {
+        // Drained: each relay thread writes the log lines it still holds, then ends.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !relay_threads.iter().all(|t| t.is_finished()) && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     dispatchers.stop().await;
     recorder.flush();

@@ -1,9 +1,13 @@
 //! The last step of every subrequest: count it for `interceptor status` and, when
 //! the tenant's outbound Worker logs, append it to the tenant's log.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::task::{Context, Poll, Waker};
 
 use serde::{Deserialize, Serialize};
 
@@ -98,10 +102,112 @@ impl Recorder {
             .collect()
     }
 
+    /// Counts `entry` and, if `log`, queues its line for this thread's next batch
+    /// write; the returned [`Logged`] resolves once the line is in the file. The
+    /// relay holds a response's last bytes until then, so the guarantee is the
+    /// same as [`record`](Self::record)'s, with one `write(2)` per batch of
+    /// requests instead of one each. On a thread that does not batch (see
+    /// [`batch_on_this_thread`]), this is [`record`](Self::record).
+    pub fn record_batched(self: &Arc<Self>, entry: &LogEntry, log: bool) -> Option<Logged> {
+        if !log || !BATCHING.get() {
+            self.record(entry, log);
+            return None;
+        }
+        self.record(entry, false);
+        let mut line = match entry.to_json_line() {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::error!(tenant = %entry.tenant, "cannot write log entry: {e}");
+                return None;
+            }
+        };
+        line.push('\n');
+        let (batch, start_flush) = PENDING.with_borrow_mut(|p| {
+            match p.lines.iter_mut().find(|(t, _)| *t == entry.tenant) {
+                Some((_, buf)) => buf.push_str(&line),
+                None => p.lines.push((entry.tenant.clone(), line)),
+            }
+            (p.flushed + 1, !std::mem::replace(&mut p.flush_queued, true))
+        });
+        if start_flush {
+            // Queued behind the tasks already runnable on this thread, so their
+            // lines join the same write.
+            let recorder = self.clone();
+            tokio::spawn(async move { recorder.write_pending() });
+        }
+        Some(Logged { batch })
+    }
+
+    /// Writes this thread's queued lines (a relay thread also calls it last,
+    /// so nothing queued is lost when it stops).
+    pub fn write_pending(&self) {
+        let lines = PENDING.with_borrow_mut(|p| {
+            p.flush_queued = false;
+            std::mem::take(&mut p.lines)
+        });
+        for (tenant, lines) in lines {
+            if let Err(e) = self.writer.append_lines(&tenant, lines.as_bytes()) {
+                tracing::error!(%tenant, "cannot write log entries: {e}");
+            }
+        }
+        let waiters = PENDING.with_borrow_mut(|p| {
+            p.flushed += 1;
+            std::mem::take(&mut p.waiters)
+        });
+        for waker in waiters {
+            waker.wake();
+        }
+    }
+
     /// Makes every written line durable (on shutdown, and periodically).
     pub fn flush(&self) {
         if let Err(e) = self.writer.flush() {
             tracing::error!("cannot flush logs: {e}");
         }
+    }
+}
+
+thread_local! {
+    /// Whether [`Recorder::record_batched`] batches on this thread.
+    static BATCHING: Cell<bool> = const { Cell::new(false) };
+    static PENDING: RefCell<PendingLines> = RefCell::default();
+}
+
+/// Makes [`Recorder::record_batched`] batch on the calling thread. Only for a
+/// thread that runs a current-thread tokio runtime: the batch is written by a
+/// task spawned on it, and waited for by tasks of the same thread.
+pub fn batch_on_this_thread() {
+    BATCHING.set(true);
+}
+
+/// Log lines of this thread not written yet.
+#[derive(Default)]
+struct PendingLines {
+    /// Per tenant, the lines in arrival order.
+    lines: Vec<(String, String)>,
+    /// Tasks waiting for the current batch.
+    waiters: Vec<Waker>,
+    /// Batches written so far.
+    flushed: u64,
+    flush_queued: bool,
+}
+
+/// Resolves once the batch holding a line has been written.
+pub struct Logged {
+    batch: u64,
+}
+
+impl Future for Logged {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        PENDING.with_borrow_mut(|p| {
+            if p.flushed >= self.batch {
+                Poll::Ready(())
+            } else {
+                p.waiters.push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
     }
 }

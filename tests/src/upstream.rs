@@ -37,7 +37,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// An HTTP server on `addr` (e.g. `127.0.0.2:0`), answering
-    /// `200 hello from <addr> <path>` to everything.
+    /// `200 hello from <addr> <path>` to everything (`?size=N`: N bytes of `x`).
     pub fn start(addr: &str) -> Upstream {
         Self::start_inner(addr, None)
     }
@@ -112,9 +112,17 @@ impl Upstream {
                                         .collect(),
                                     body: body.to_vec(),
                                 });
-                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
-                                    "hello from {addr} {path}"
-                                )))))
+                                // `?size=N` asks for a body of N bytes instead.
+                                let text = match parts
+                                    .uri
+                                    .query()
+                                    .and_then(|q| q.strip_prefix("size="))
+                                    .and_then(|n| n.parse::<usize>().ok())
+                                {
+                                    Some(n) => "x".repeat(n),
+                                    None => format!("hello from {addr} {path}"),
+                                };
+                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
                             }
                         });
                         match tls {

@@ -673,3 +673,55 @@ fn a_missing_parameter_stops_the_request_instead_of_sending_half_a_credential() 
     assert_eq!(status, "200", "{body}");
     assert_eq!(api.requests()[0].header("x-team"), Some("team-blue"));
 }
+
+#[test]
+fn every_request_is_logged_before_its_response_completes_and_a_clean_stop_loses_none() {
+    if !privileged(
+        "every_request_is_logged_before_its_response_completes_and_a_clean_stop_loses_none",
+    ) {
+        return;
+    }
+    let up = Upstream::start("127.0.0.2:0");
+    let mut d = daemon();
+    // Concurrent kept-alive connections; every tenth response is too large to be
+    // taken whole and is streamed instead.
+    let script = format!(
+        r#"
+import http.client, threading
+errors = []
+def run(t):
+    c = http.client.HTTPConnection("127.0.0.2", {port})
+    for i in range(40):
+        size = 200000 if i % 10 == 0 else 0
+        c.request("GET", "/burst/%d/%d" % (t, i) + ("?size=%d" % size if size else ""))
+        r = c.getresponse()
+        body = r.read()
+        if r.status != 200 or (size and len(body) != size):
+            errors.append((t, i, r.status, len(body)))
+threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("errors", errors)
+"#,
+        port = up.addr.port()
+    );
+    let out = d.python("acme", &script);
+    assert!(stdout(&out).contains("errors []"), "{}", text(&out));
+    let burst = |d: &Daemon| -> Vec<String> {
+        d.logs("acme")
+            .iter()
+            .filter_map(|e| e["url"].as_str())
+            .filter(|u| u.contains("/burst/"))
+            .map(str::to_string)
+            .collect()
+    };
+    // A response completes only once its line is in the file: all 320 are there
+    // the moment the client has its last response, each once.
+    let lines = burst(&d);
+    assert_eq!(lines.len(), 320, "{lines:?}");
+    let distinct: std::collections::BTreeSet<_> = lines.iter().collect();
+    assert_eq!(distinct.len(), 320);
+    let exit = d.stop_with(libc::SIGTERM);
+    assert!(exit.success(), "{exit}\n{}", d.daemon_stderr());
+    assert_eq!(burst(&d).len(), 320);
+}

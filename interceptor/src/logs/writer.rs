@@ -134,10 +134,17 @@ impl LogWriter {
         validate_tenant(&entry.tenant)?;
         let mut line = entry.to_json_line()?;
         line.push('\n');
-        let slot = self.slot(&entry.tenant);
+        self.append_lines(&entry.tenant, line.as_bytes())
+    }
+
+    /// Appends whole lines (each ending in `\n`) to `tenant`'s file with one
+    /// `write(2)`; they are in the file when this returns.
+    pub fn append_lines(&self, tenant: &str, lines: &[u8]) -> Result<(), LogError> {
+        validate_tenant(tenant)?;
+        let slot = self.slot(tenant);
         let mut tf = slot.lock().unwrap_or_else(PoisonError::into_inner);
         let file = self
-            .reserve(&mut tf, line.len() as u64)
+            .reserve(&mut tf, lines.len() as u64)
             .map_err(|e| LogError::io(format!("cannot write log file {}", tf.path.display()), e))?;
         let path = tf.path.clone();
         drop(tf);
@@ -146,7 +153,7 @@ impl LogWriter {
         // For a regular file one write(2) takes the whole buffer; write_all only
         // loops on a short write (e.g. a full disk), which it then reports.
         (&*file)
-            .write_all(line.as_bytes())
+            .write_all(lines)
             .map_err(|e| LogError::io(format!("cannot write log file {}", path.display()), e))
     }
 

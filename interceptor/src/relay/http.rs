@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
 use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::server::conn::http1;
@@ -330,11 +330,33 @@ async fn handle_request(
     let server_name = target.tls.then_some(target.host.as_str());
     match ctx.upstream.send(upstream, server_name, upstream_req).await {
         Ok(response) => {
-            let (mut parts, body) = response.into_parts();
+            let (mut parts, mut body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             entry.status = Some(parts.status.as_u16());
-            let recorder = ctx.recorder.clone();
             let log = conn.log_enabled();
+            let body = match take_if_arrived(&mut body) {
+                // The common small response, already read whole with its head:
+                // its line joins this thread's next batched log write, and the
+                // response goes out, head and body in one write, once the line is
+                // in the file.
+                Some(Ok(whole)) => {
+                    entry.bytes_sent = sent.load(Ordering::Relaxed);
+                    entry.bytes_received = whole.len() as u64;
+                    entry.duration_ms = elapsed_ms(started);
+                    if let Some(logged) = ctx.recorder.record_batched(&entry, log) {
+                        logged.await;
+                    }
+                    return Response::from_parts(
+                        parts,
+                        Full::new(whole)
+                            .map_err(|never: Infallible| match never {})
+                            .boxed_unsync(),
+                    );
+                }
+                Some(Err(first)) => Replay::new(first, body).boxed_unsync(),
+                None => body.boxed_unsync(),
+            };
+            let recorder = ctx.recorder.clone();
             let on_end = Box::new(move |received: u64| {
                 entry.bytes_sent = sent.load(Ordering::Relaxed);
                 entry.bytes_received = received;
@@ -356,6 +378,74 @@ async fn handle_request(
                 serde_json::json!({ "error": e, "host": target.host }),
             )
         }
+    }
+}
+
+/// Bodies up to this size are taken whole when they arrived with the head.
+const SMALL_BODY: u64 = 64 * 1024;
+
+/// A body of known length up to [`SMALL_BODY`] that is already here in one
+/// frame, without waiting: `Some(Ok(body))`. `Some(Err(frame))` when the first
+/// frame (taken) is only part of it, `None` when nothing was taken.
+fn take_if_arrived(body: &mut Incoming) -> Option<Result<Bytes, Bytes>> {
+    let len = body.size_hint().exact().filter(|&n| n <= SMALL_BODY)?;
+    if len == 0 && body.is_end_stream() {
+        return Some(Ok(Bytes::new()));
+    }
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match Pin::new(&mut *body).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+            Ok(data) if data.len() as u64 == len && body.is_end_stream() => Some(Ok(data)),
+            Ok(data) => Some(Err(data)),
+            // Trailers without data: there are none to keep on a sized body.
+            Err(_) => None,
+        },
+        _ => None,
+    }
+}
+
+/// A body whose first bytes were already taken from it.
+struct Replay<B> {
+    first: Option<Bytes>,
+    rest: B,
+}
+
+impl<B> Replay<B> {
+    fn new(first: Bytes, rest: B) -> Self {
+        Replay {
+            first: Some(first),
+            rest,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Replay<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.first.take() {
+            Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = self.first.as_ref().map_or(0, |b| b.len() as u64);
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + first);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + first);
+        }
+        hint
     }
 }
 

@@ -90,7 +90,8 @@ pub fn start_threads(
     ctx: &RelayContext,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
-) -> std::io::Result<()> {
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = Vec::new();
     for (n, listeners) in listeners.into_iter().enumerate() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -98,9 +99,10 @@ pub fn start_threads(
         let ctx = ctx.for_thread();
         let shutdown = shutdown.clone();
         let tracker = tracker.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("relay-{n}"))
             .spawn(move || {
+                crate::record::batch_on_this_thread();
                 runtime.block_on(async move {
                     for listener in listeners {
                         match TcpListener::from_std(listener) {
@@ -118,10 +120,12 @@ pub fn start_threads(
                     shutdown.cancelled().await;
                     // Accepting has stopped: finish this thread's connections.
                     tracker.wait().await;
+                    ctx.recorder.write_pending();
                 })
             })?;
+        threads.push(thread);
     }
-    Ok(())
+    Ok(threads)
 }
 
 /// One redirected connection, once identified.
