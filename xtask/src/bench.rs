@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 const UPSTREAM: &str = "127.0.0.2:18080";
+const NGINX_PROXY: &str = "127.0.0.1:18081";
 const RELAY_PORT: u16 = 25101;
 const DNS_PORT: u16 = 25153;
 const CGROUP: &str = "interceptor-bench";
@@ -37,7 +38,7 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     let bin = root.join("target/release/interceptor");
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    let _upstream = Nginx::start(&dir)?;
+    let _upstream = Nginx::upstream(&dir)?;
     let mut daemon = Daemon::start(&bin, &dir)?;
 
     let url = format!("http://{UPSTREAM}/");
@@ -58,6 +59,22 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     eprintln!("bench: connection per request, direct and through the interceptor");
     let direct_cpr = wrk(false, true)?;
     let relay_cpr = wrk(true, true)?;
+    eprintln!("bench: latency on one connection, direct and through the interceptor");
+    let one = Options {
+        connections: 1,
+        ..*options
+    };
+    let direct_one = run_wrk(None, &one, &[], &url)?;
+    let relay_one = run_wrk(sandboxed.as_ref(), &one, &[], &url)?;
+    eprintln!("bench: the same through an nginx reverse proxy, for reference");
+    let (proxy_ka, proxy_cpr) = {
+        let _proxy = Nginx::reverse_proxy(&dir)?;
+        let proxy_url = format!("http://{NGINX_PROXY}/");
+        (
+            run_wrk(None, options, &[], &proxy_url)?,
+            run_wrk(None, options, &["Connection: close"], &proxy_url)?,
+        )
+    };
     eprintln!("bench: relay RSS with {OPEN_CONNECTIONS} open connections");
     let (rss_idle, rss_open) = rss_with_open_connections(&bin, &dir, daemon.pid())?;
     eprintln!("bench: User Workers through the dispatcher");
@@ -68,22 +85,34 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "{:<34} {:>12} {:>10} {:>10} {:>8}",
+        "{:<40} {:>12} {:>10} {:>10} {:>8}",
         "run", "requests/s", "p50 µs", "p99 µs", "ratio"
     );
     for (name, m, base) in [
         ("keep-alive, direct", &direct_ka, &direct_ka),
         ("keep-alive, through interceptor", &relay_ka, &direct_ka),
+        ("keep-alive, nginx reverse proxy", &proxy_ka, &direct_ka),
         ("conn per request, direct", &direct_cpr, &direct_cpr),
         (
             "conn per request, through interceptor",
             &relay_cpr,
             &direct_cpr,
         ),
+        (
+            "conn per request, nginx reverse proxy",
+            &proxy_cpr,
+            &direct_cpr,
+        ),
+        ("one connection, direct", &direct_one, &direct_one),
+        (
+            "one connection, through interceptor",
+            &relay_one,
+            &direct_one,
+        ),
     ] {
         let _ = writeln!(
             table,
-            "{name:<34} {:>12.0} {:>10.0} {:>10.0} {:>8.2}",
+            "{name:<40} {:>12.0} {:>10.0} {:>10.0} {:>8.2}",
             m.requests_per_sec,
             m.p50_us,
             m.p99_us,
@@ -92,8 +121,14 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     }
     let _ = writeln!(
         table,
-        "added p50 latency, keep-alive: {:.0} µs; relay RSS: {:.1} MiB idle, {:.1} MiB with {OPEN_CONNECTIONS} open connections",
+        "added p50 latency: {:.0} µs on one connection, {:.0} µs at {} connections; \
+         interceptor / nginx reverse proxy: {:.2} keep-alive, {:.2} conn per request\n\
+         relay RSS: {:.1} MiB idle, {:.1} MiB with {OPEN_CONNECTIONS} open connections",
+        relay_one.p50_us - direct_one.p50_us,
         relay_ka.p50_us - direct_ka.p50_us,
+        options.connections,
+        ratio(&relay_ka, &proxy_ka),
+        ratio(&relay_cpr, &proxy_cpr),
         rss_idle as f64 / 1024.0,
         rss_open as f64 / 1024.0
     );
@@ -151,8 +186,9 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
     };
     let report = format!(
         "{{\n  \"wrk\": {{\"threads\": 1, \"connections\": {}, \"seconds\": {}}},\n  \
-         \"keep_alive\": {{\"direct\": {}, \"interceptor\": {}, \"ratio\": {:.3}, \"added_p50_us\": {:.1}}},\n  \
-         \"connection_per_request\": {{\"direct\": {}, \"interceptor\": {}, \"ratio\": {:.3}}},\n  \
+         \"keep_alive\": {{\"direct\": {}, \"interceptor\": {}, \"ratio\": {:.3}, \"added_p50_us\": {:.1}, \"nginx_proxy\": {}, \"nginx_proxy_ratio\": {:.3}}},\n  \
+         \"connection_per_request\": {{\"direct\": {}, \"interceptor\": {}, \"ratio\": {:.3}, \"nginx_proxy\": {}, \"nginx_proxy_ratio\": {:.3}}},\n  \
+         \"one_connection\": {{\"direct\": {}, \"interceptor\": {}, \"added_p50_us\": {:.1}}},\n  \
          \"relay_rss_kib\": {{\"idle\": {rss_idle}, \"open_connections\": {OPEN_CONNECTIONS}, \"with_open_connections\": {rss_open}}},\n  \
          \"workers\": {{\"hello_dispatcher\": {}, \"hello_wasmtime_serve\": {}, \"fetch_dispatcher\": {}, \"cold_start_ms\": {:.2}, \"cold_start_racing_compile_ms\": {:.2}}}\n}}\n",
         options.connections,
@@ -161,9 +197,16 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
         json(&relay_ka),
         ratio(&relay_ka, &direct_ka),
         relay_ka.p50_us - direct_ka.p50_us,
+        json(&proxy_ka),
+        ratio(&proxy_ka, &direct_ka),
         json(&direct_cpr),
         json(&relay_cpr),
         ratio(&relay_cpr, &direct_cpr),
+        json(&proxy_cpr),
+        ratio(&proxy_cpr, &direct_cpr),
+        json(&direct_one),
+        json(&relay_one),
+        relay_one.p50_us - direct_one.p50_us,
         json(&workers.hello),
         workers.wasmtime_serve.as_ref().map_or("null".to_string(), json),
         json(&workers.fetch),
@@ -416,34 +459,64 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-/// nginx from Debian as the upstream: fast enough that the relay is what is measured.
+/// nginx from Debian, in one of two roles.
 struct Nginx(Child);
 
 impl Nginx {
-    fn start(dir: &Path) -> Result<Nginx> {
-        let prefix = dir.join("nginx");
+    /// The upstream: fast enough that the relay is what is measured.
+    fn upstream(dir: &Path) -> Result<Nginx> {
+        Self::start(
+            &dir.join("nginx"),
+            "worker_processes 1;",
+            &format!(
+                "access_log off;\n  keepalive_requests 1000000;\n  \
+                 server {{\n    listen {UPSTREAM} backlog=4096;\n    \
+                 location / {{ return 200 \"hello from the bench upstream\\n\"; }}\n  }}"
+            ),
+            UPSTREAM,
+        )
+    }
+
+    /// The reference: a tuned nginx reverse proxy in front of the same upstream,
+    /// pooling upstream connections and writing an access log line per request
+    /// (as the interceptor logs every request).
+    fn reverse_proxy(dir: &Path) -> Result<Nginx> {
+        let prefix = dir.join("nginx-proxy");
+        Self::start(
+            &prefix,
+            "worker_processes auto;",
+            &format!(
+                "access_log {log};\n  keepalive_requests 1000000;\n  \
+                 upstream bench {{ server {UPSTREAM}; keepalive 256; }}\n  \
+                 server {{\n    listen {NGINX_PROXY} backlog=4096;\n    \
+                 location / {{ proxy_pass http://bench; proxy_http_version 1.1; \
+                 proxy_set_header Connection \"\"; }}\n  }}",
+                log = prefix.join("logs/access.log").display()
+            ),
+            NGINX_PROXY,
+        )
+    }
+
+    fn start(prefix: &Path, workers: &str, http: &str, listen: &str) -> Result<Nginx> {
         std::fs::create_dir_all(prefix.join("logs"))?;
         let conf = prefix.join("nginx.conf");
         std::fs::write(
             &conf,
             format!(
-                "worker_processes 1;\ndaemon off;\nerror_log stderr error;\npid {pid};\n\
-                 events {{ worker_connections 4096; }}\n\
-                 http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
-                 \x20 server {{\n    listen {UPSTREAM} backlog=4096;\n\
-                 \x20   location / {{ return 200 \"hello from the bench upstream\\n\"; }}\n  }}\n}}\n",
+                "{workers}\ndaemon off;\nerror_log stderr error;\npid {pid};\n\
+                 events {{ worker_connections 4096; }}\nhttp {{\n  {http}\n}}\n",
                 pid = prefix.join("nginx.pid").display()
             ),
         )?;
         let child = Command::new("nginx")
             .arg("-p")
-            .arg(&prefix)
+            .arg(prefix)
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
             .spawn()
             .context("cannot start nginx")?;
-        wait_for_port(UPSTREAM)?;
+        wait_for_port(listen)?;
         Ok(Nginx(child))
     }
 }

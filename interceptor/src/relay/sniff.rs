@@ -49,17 +49,20 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
 
 /// Reads until the protocol is known, the client goes quiet, or it closes.
 pub async fn sniff<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<(Protocol, Vec<u8>)> {
-    let mut prefix = Vec::with_capacity(2048);
-    let mut chunk = [0u8; 4096];
+    // Read straight into the prefix (no stack buffer: it would make every
+    // connection's task that much larger to allocate and move).
+    let mut prefix = Vec::with_capacity(4096);
     loop {
-        let n = match tokio::time::timeout(SNIFF_TIMEOUT, stream.read(&mut chunk)).await {
+        if prefix.capacity() - prefix.len() < 1024 {
+            prefix.reserve(4096);
+        }
+        let n = match tokio::time::timeout(SNIFF_TIMEOUT, stream.read_buf(&mut prefix)).await {
             Ok(read) => read?,
             Err(_) => return Ok((Protocol::Opaque, prefix)),
         };
         if n == 0 {
             return Ok((Protocol::Opaque, prefix));
         }
-        prefix.extend_from_slice(&chunk[..n]);
         if let Some(protocol) = classify(&prefix) {
             return Ok((protocol, prefix));
         }
