@@ -8,7 +8,7 @@ use hyper::header::{
 
 /// Headers that describe one HTTP/1.1 hop, not the message (RFC 9110 §7.6.1).
 /// Parsed names, so that checking a message costs no string parsing.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
