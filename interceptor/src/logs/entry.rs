@@ -214,7 +214,12 @@ impl LogEntry {
 
     /// The entry as one JSON line, without the trailing newline.
     pub fn to_json_line(&self) -> Result<String, LogError> {
-        serde_json::to_string(self).map_err(LogError::Serialize)
+        // Sized for a typical line, so it is not regrown field by field.
+        let mut line = Vec::with_capacity(512);
+        serde_json::to_writer(&mut line, self).map_err(LogError::Serialize)?;
+        // serde_json writes UTF-8 only; the lossy path is never taken.
+        Ok(String::from_utf8(line)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
     }
 
     /// Parses one JSON line. Unknown keys are ignored; keys other than `ts`, `tenant`,

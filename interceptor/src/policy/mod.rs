@@ -243,8 +243,17 @@ impl OutboundPolicy {
     /// `Some(Allow, "cidr:<net>")` when `allow_cidrs` admits it, `Some(Block,
     /// "guarded:<range>")` when it is in a guarded range, `None` otherwise.
     pub fn decide_address(&self, ip: IpAddr) -> Option<Decision> {
-        if let Some(net) = allowing_cidr(&self.allow_cidrs, ip) {
-            return Some(Decision::allow(format!("cidr:{net}")));
+        match allowing_cidr(&self.allow_cidrs, ip) {
+            Some(net) => Some(Decision::allow(format!("cidr:{net}"))),
+            None => self.refuse_address(ip),
+        }
+    }
+
+    /// The refusal [`decide_address`](Self::decide_address) would give, if any,
+    /// without building the allowing decision (the relay asks this per request).
+    pub fn refuse_address(&self, ip: IpAddr) -> Option<Decision> {
+        if allowing_cidr(&self.allow_cidrs, ip).is_some() {
+            return None;
         }
         guarded_range(ip).map(|r| Decision::block(format!("guarded:{r}")))
     }

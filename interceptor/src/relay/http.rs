@@ -207,16 +207,20 @@ async fn handle_request(
     };
     let policy = &conn.sandbox.tenant.policy;
     let context = request_context(&req, conn, ctx);
-    let params = match &context {
-        Ok(Some(context)) => context.params.clone(),
-        _ => conn.sandbox.params.clone(),
+    // A dispatched Worker's request brings its own parameters.
+    let context_params = match &context {
+        Ok(Some(context)) => Some(&context.params),
+        _ => None,
     };
+    let params = context_params.unwrap_or(&conn.sandbox.params);
     let new_entry = |decision: &Decision, verdict: Verdict| {
         let mut entry = conn.entry(Proto::Http, decision, verdict);
         entry.method = Some(method.clone());
         entry.url = Some(target.url.clone());
         entry.host = Some(target.host.clone());
-        entry.params = params.clone();
+        if let Some(params) = context_params {
+            entry.params = params.clone();
+        }
         entry
     };
     let refuse = |rule: &str| {
@@ -233,11 +237,11 @@ async fn handle_request(
         )
     };
 
-    let context = match context {
-        Ok(context) => context,
+    let context = match &context {
+        Ok(context) => context.as_ref(),
         Err(rule) => return refuse(rule),
     };
-    if let Some(context) = &context {
+    if let Some(context) = context {
         if let Some(limit) = context.subrequest_limit {
             if ctx.subrequests.count(context.request_id) > limit {
                 return refuse("limit:subrequests");
@@ -252,7 +256,7 @@ async fn handle_request(
 
     let mut injected = Vec::new();
     for injection in policy.injections_for(&target.host) {
-        match injection.render(&params, SystemTime::now()) {
+        match injection.render(params, SystemTime::now()) {
             Ok(header) => injected.push(header),
             Err(e) => {
                 // Never send a half-filled credential: the request stops here.

@@ -42,10 +42,7 @@ pub fn refuse_address(
             rule: "loop".to_string(),
         });
     }
-    match policy.decide_address(addr.ip()) {
-        Some(d) if d.action == Action::Block => Some(d),
-        _ => None,
-    }
+    policy.refuse_address(addr.ip())
 }
 
 /// The first address of `host` the policy lets the relay connect to, on `port`.
