@@ -488,7 +488,12 @@ fn the_sandbox_cannot_leave_its_cgroup_gain_privileges_or_reach_the_admin_socket
          try:\n  s=socket.socket(socket.AF_UNIX)\n  s.connect('{admin}')\n  print('admin reached')\n\
          except OSError as e:\n  print('admin refused', e.errno)\n\
          try:\n  socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n  print('raw socket')\n\
-         except OSError as e:\n  print('raw refused', e.errno)\n",
+         except OSError as e:\n  print('raw refused', e.errno)\n\
+         for fam, host in [(socket.AF_INET, '127.0.0.1'), (socket.AF_INET6, '::1')]:\n\
+         \x20 s = socket.socket(fam)\n  s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         \x20 try:\n    s.bind((host, {relay_port}))\n    s.listen()\n    print('joined the relay port', host)\n\
+         \x20 except OSError as e:\n    print('relay port refused', e.errno)\n",
+        relay_port = d.relay_port,
         root = mount.display(),
         parent = d.cgroup.display(),
         tenant = d.cgroup.join("acme").display(),
@@ -506,6 +511,16 @@ fn the_sandbox_cannot_leave_its_cgroup_gain_privileges_or_reach_the_admin_socket
     assert_eq!(refused, 3, "{}", text(&out));
     assert!(printed.contains("admin refused"), "{}", text(&out));
     assert!(printed.contains("raw refused"), "{}", text(&out));
+    // The relay's per-thread listeners share its port through SO_REUSEPORT; a
+    // sandboxed listener joining that group would be handed other sandboxes'
+    // connections. The kernel only lets the same user join.
+    assert!(!printed.contains("joined"), "{}", text(&out));
+    assert_eq!(
+        printed.matches("relay port refused 98").count(),
+        2,
+        "{}",
+        text(&out)
+    );
     let cgroup_name = d.cgroup.file_name().unwrap().to_str().unwrap();
     assert!(
         printed.contains(&format!("/{cgroup_name}/acme/exec-")),
