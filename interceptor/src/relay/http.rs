@@ -343,7 +343,7 @@ async fn handle_request(
                 // its line joins this thread's next batched log write, and the
                 // response goes out, head and body in one write, once the line is
                 // in the file.
-                Some(Ok(whole)) => {
+                Arrived::Whole(whole) => {
                     entry.bytes_sent = sent.load(Ordering::Relaxed);
                     entry.bytes_received = whole.len() as u64;
                     entry.duration_ms = elapsed_ms(started);
@@ -357,8 +357,8 @@ async fn handle_request(
                             .boxed_unsync(),
                     );
                 }
-                Some(Err(first)) => Replay::new(first, body).boxed_unsync(),
-                None => body.boxed_unsync(),
+                Arrived::Started(first) => Replay::new(first, body).boxed_unsync(),
+                Arrived::Nothing => body.boxed_unsync(),
             };
             let recorder = ctx.recorder.clone();
             let on_end = Box::new(move |received: u64| {
@@ -388,34 +388,44 @@ async fn handle_request(
 /// Bodies up to this size are taken whole when they arrived with the head.
 const SMALL_BODY: u64 = 64 * 1024;
 
-/// A body of known length up to [`SMALL_BODY`] that is already here in one
-/// frame, without waiting: `Some(Ok(body))`. `Some(Err(frame))` when the first
-/// frame (taken) is only part of it, `None` when nothing was taken.
-fn take_if_arrived(body: &mut Incoming) -> Option<Result<Bytes, Bytes>> {
-    let len = body.size_hint().exact().filter(|&n| n <= SMALL_BODY)?;
+/// What [`take_if_arrived`] found.
+enum Arrived {
+    /// The whole body, of known length up to [`SMALL_BODY`], already read.
+    Whole(Bytes),
+    /// Not whole: the first frame (or error), which was taken and must be replayed.
+    Started(Result<Frame<Bytes>, hyper::Error>),
+    /// Nothing taken.
+    Nothing,
+}
+
+/// Takes a small body that is already here in one frame, without waiting.
+fn take_if_arrived(body: &mut Incoming) -> Arrived {
+    let Some(len) = body.size_hint().exact().filter(|&n| n <= SMALL_BODY) else {
+        return Arrived::Nothing;
+    };
     if len == 0 && body.is_end_stream() {
-        return Some(Ok(Bytes::new()));
+        return Arrived::Whole(Bytes::new());
     }
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut cx = Context::from_waker(std::task::Waker::noop());
     match Pin::new(&mut *body).poll_frame(&mut cx) {
         Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-            Ok(data) if data.len() as u64 == len && body.is_end_stream() => Some(Ok(data)),
-            Ok(data) => Some(Err(data)),
-            // Trailers without data: there are none to keep on a sized body.
-            Err(_) => None,
+            Ok(data) if data.len() as u64 == len && body.is_end_stream() => Arrived::Whole(data),
+            Ok(data) => Arrived::Started(Ok(Frame::data(data))),
+            Err(frame) => Arrived::Started(Ok(frame)),
         },
-        _ => None,
+        Poll::Ready(Some(Err(e))) => Arrived::Started(Err(e)),
+        Poll::Ready(None) | Poll::Pending => Arrived::Nothing,
     }
 }
 
-/// A body whose first bytes were already taken from it.
-struct Replay<B> {
-    first: Option<Bytes>,
+/// A body whose first frame was already taken from it.
+struct Replay<B: Body> {
+    first: Option<Result<Frame<Bytes>, B::Error>>,
     rest: B,
 }
 
-impl<B> Replay<B> {
-    fn new(first: Bytes, rest: B) -> Self {
+impl<B: Body> Replay<B> {
+    fn new(first: Result<Frame<Bytes>, B::Error>, rest: B) -> Self {
         Replay {
             first: Some(first),
             rest,
@@ -423,7 +433,11 @@ impl<B> Replay<B> {
     }
 }
 
-impl<B: Body<Data = Bytes> + Unpin> Body for Replay<B> {
+impl<B> Body for Replay<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Unpin,
+{
     type Data = Bytes;
     type Error = B::Error;
 
@@ -432,7 +446,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Replay<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.first.take() {
-            Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+            Some(first) => Poll::Ready(Some(first)),
             None => Pin::new(&mut self.rest).poll_frame(cx),
         }
     }
@@ -442,7 +456,10 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Replay<B> {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let first = self.first.as_ref().map_or(0, |b| b.len() as u64);
+        let first = match &self.first {
+            Some(Ok(frame)) => frame.data_ref().map_or(0, |b| b.len() as u64),
+            _ => 0,
+        };
         let rest = self.rest.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + first);
@@ -513,4 +530,73 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<RelayBody> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A response read by a real hyper client from a server that sends `first`,
+    /// then, once the head has been parsed, `rest`; what `take_if_arrived` made of
+    /// it, and the body a client then gets.
+    async fn respond(first: impl Into<Vec<u8>>, rest: &'static [u8]) -> (&'static str, Bytes) {
+        let first = first.into();
+        let (client, mut server) = tokio::io::duplex(4096);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut request = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut server, &mut request).await;
+            server.write_all(&first).await.unwrap();
+            let _ = rx.await;
+            server.write_all(rest).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut server, &mut rest).await;
+        });
+        let request = Request::get("/").body(Full::new(Bytes::new())).unwrap();
+        let mut body = sender.send_request(request).await.unwrap().into_body();
+        let (kind, body) = match take_if_arrived(&mut body) {
+            Arrived::Whole(whole) => (
+                "whole",
+                Full::new(whole).map_err(|n| match n {}).boxed_unsync(),
+            ),
+            Arrived::Started(first) => ("started", Replay::new(first, body).boxed_unsync()),
+            Arrived::Nothing => ("nothing", body.boxed_unsync()),
+        };
+        let _ = tx.send(());
+        (kind, body.collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn a_small_body_is_taken_whole_or_replayed_from_what_arrived() {
+        let (kind, body) = respond(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhelloworld",
+            b"",
+        )
+        .await;
+        assert_eq!((kind, &body[..]), ("whole", &b"helloworld"[..]));
+        let (kind, body) = respond(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
+            b"world",
+        )
+        .await;
+        assert_eq!((kind, &body[..]), ("started", &b"helloworld"[..]));
+        let (kind, body) = respond(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+            b"helloworld",
+        )
+        .await;
+        assert_eq!((kind, &body[..]), ("nothing", &b"helloworld"[..]));
+        // Too big to be taken, even when it is all there.
+        let big = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: 70000\r\n\r\n{}",
+            "x".repeat(70_000)
+        );
+        let (kind, body) = respond(big, b"").await;
+        assert_eq!((kind, body.len()), ("nothing", 70_000));
+    }
 }
