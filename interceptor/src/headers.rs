@@ -22,21 +22,31 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes the hop-by-hop headers, and those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // The common case, on every request and response: nothing to remove.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the (few) names present, instead of a lookup per hop-by-hop
+    // name: most messages carry none, or only `Connection: keep-alive`.
+    let mut remove: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| HOP_BY_HOP.contains(name))
+        .cloned()
+        .collect();
+    if remove.is_empty() {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in &HOP_BY_HOP {
+    remove.extend(
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(name))
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()),
+    );
+    for name in remove {
         headers.remove(name);
     }
 }
