@@ -97,7 +97,7 @@ impl UpstreamPool {
         let key = (addr, server_name.map(str::to_string));
         let (mut sender, pooled) = match self.take_idle(&key) {
             Some(sender) => (sender, true),
-            None => (self.connect(addr, server_name).await?, false),
+            None => (Box::pin(self.connect(addr, server_name)).await?, false),
         };
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
@@ -105,7 +105,7 @@ impl UpstreamPool {
                 // The upstream closed an idle connection just as it was reused:
                 // the request never left, so it goes again on a new connection.
                 Some(request) if pooled => {
-                    sender = self.connect(addr, server_name).await?;
+                    sender = Box::pin(self.connect(addr, server_name)).await?;
                     sender
                         .send_request(request)
                         .await
@@ -145,6 +145,10 @@ impl UpstreamPool {
         }
     }
 
+    /// Boxed by its callers: a TLS handshake's state is kilobytes, and keeping it
+    /// inline would make every request's future (moved and allocated per
+    /// request and per connection) that large, though most requests reuse a
+    /// pooled connection.
     async fn connect(
         &self,
         addr: SocketAddr,
