@@ -302,6 +302,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         pid: std::process::id(),
     });
     tracing::info!(relay = %relay_v4, dns = %dns_v4, admin = %settings.admin_socket.display(), "interceptor ready");
+    // Loading the eBPF object (the kernel's BTF above all) leaves tens of MiB freed
+    // but still resident; give them back now rather than whenever the allocator
+    // next gets around to it.
+    // SAFETY: mi_collect takes no pointers; it only releases free memory.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
