@@ -6,6 +6,7 @@
 //! counts it and writes it to the tenant's [`logs`]. [`daemon`] wires the parts;
 //! [`cli`] and [`admin`] are the operator's side.
 
+pub mod accept;
 pub mod admin;
 pub mod cli;
 pub mod config;

@@ -45,6 +45,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::accept_until;
 use crate::config::{Config, DispatchNamespace};
 use crate::context::{ContextKey, RequestContext, CONTEXT_HEADER};
 use crate::policy::{OutboundPolicy, Params};
@@ -206,13 +207,15 @@ impl Dispatchers {
                 workers = %ns.config.workers.display(),
                 "dispatcher ready"
             );
-            tokio::spawn(accept_loop(
-                listener,
-                ns.clone(),
-                shutdown.clone(),
-                tracker.clone(),
-            ));
             tokio::spawn(ns.clone().watch_loop(shutdown.clone()));
+            let what = format!("dispatcher {}", ns.config.namespace);
+            let (ns, shutdown, tracker) = (ns.clone(), shutdown.clone(), tracker.clone());
+            tokio::spawn(async move {
+                accept_until(listener, shutdown.clone(), &what, |stream, _| {
+                    tracker.spawn(serve_connection(stream, ns.clone(), shutdown.clone()));
+                })
+                .await
+            });
         }
     }
 
@@ -273,30 +276,6 @@ fn kill_stale(dir: &Path) {
     if kill.exists() {
         if let Err(e) = std::fs::write(&kill, "1") {
             tracing::warn!("{}: {e}", kill.display());
-        }
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    ns: Arc<Namespace>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => return,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                tracker.spawn(serve_connection(stream, ns.clone(), shutdown.clone()));
-            }
-            Err(e) => {
-                // Out of descriptors and the like: do not spin.
-                tracing::warn!(namespace = %ns.config.namespace, "accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
         }
     }
 }

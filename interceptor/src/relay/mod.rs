@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::accept_until;
 use crate::context::ContextKey;
 use crate::ebpf::DestinationTable;
 use crate::logs::{LogEntry, Proto, Verdict};
@@ -107,12 +108,25 @@ pub fn start_threads(
                     for listener in listeners {
                         match TcpListener::from_std(listener) {
                             Ok(listener) => {
-                                tokio::spawn(serve(
-                                    listener,
-                                    ctx.clone(),
-                                    shutdown.clone(),
-                                    tracker.clone(),
-                                ));
+                                let (ctx, shutdown, tracker) =
+                                    (ctx.clone(), shutdown.clone(), tracker.clone());
+                                // Each connection is served on this thread.
+                                tokio::spawn(async move {
+                                    accept_until(
+                                        listener,
+                                        shutdown.clone(),
+                                        "relay",
+                                        |stream, peer| {
+                                            tracker.spawn(handle(
+                                                stream,
+                                                peer,
+                                                ctx.clone(),
+                                                shutdown.clone(),
+                                            ));
+                                        },
+                                    )
+                                    .await
+                                });
                             }
                             Err(e) => tracing::error!("relay listener: {e}"),
                         }
@@ -152,31 +166,6 @@ impl Connection {
 
     fn log_enabled(&self) -> bool {
         self.sandbox.tenant.policy.log_enabled()
-    }
-}
-
-/// Accepts until `shutdown`; each connection is served on this thread.
-async fn serve(
-    listener: TcpListener,
-    ctx: Arc<RelayContext>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => return,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                tracker.spawn(handle(stream, peer, ctx.clone(), shutdown.clone()));
-            }
-            Err(e) => {
-                // EMFILE and friends: back off rather than spin.
-                tracing::warn!("relay accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
     }
 }
 
