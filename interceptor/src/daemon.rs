@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,7 +32,7 @@ use crate::tenants::{SandboxRegistry, Tenant, TenantId};
 /// In-flight requests get this long to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
-const LISTEN_BACKLOG: u32 = 4096;
+const LISTEN_BACKLOG: i32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -68,50 +68,37 @@ pub enum DaemonError {
     Io(#[from] io::Error),
 }
 
-fn listen_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, DaemonError> {
-    let err = |source| DaemonError::Listen { what, addr, source };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
-    socket.listen(LISTEN_BACKLOG).map_err(err)
-}
-
-/// `count` listeners on `addr` sharing it through `SO_REUSEPORT`, one per relay
-/// thread, so the kernel spreads connections over the threads and none is handed
-/// from thread to thread. A plain bind first makes a port held by anyone else
-/// (even another root process that would otherwise join the group) fail the start.
-/// Accepted sockets inherit `TCP_NODELAY` from the listener.
-fn listen_tcp_group(
+/// `count` listeners on `addr`. More than one share it through `SO_REUSEPORT`
+/// (one per relay thread, so the kernel spreads connections over the threads and
+/// none is handed from thread to thread); a plain bind first then makes a port
+/// held by anyone else (even another root process, which could otherwise join the
+/// group) fail the start. Accepted sockets inherit `TCP_NODELAY` from the listener.
+fn listen_tcp(
     what: &'static str,
     addr: SocketAddr,
     count: usize,
 ) -> Result<Vec<std::net::TcpListener>, DaemonError> {
     use socket2::{Domain, Socket, Type};
     let err = |source| DaemonError::Listen { what, addr, source };
+    let shared = count > 1;
     let socket = || -> io::Result<Socket> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
-        if addr.is_ipv6() {
-            socket.set_only_v6(true)?;
-        }
         Ok(socket)
     };
-    let probe = socket().map_err(err)?;
-    probe.bind(&addr.into()).map_err(err)?;
-    drop(probe);
+    if shared {
+        socket()
+            .and_then(|probe| probe.bind(&addr.into()))
+            .map_err(err)?;
+    }
     (0..count.max(1))
         .map(|_| {
             let socket = socket()?;
-            socket.set_reuse_port(true)?;
+            socket.set_reuse_port(shared)?;
             socket.set_tcp_nodelay(true)?;
             socket.set_nonblocking(true)?;
             socket.bind(&addr.into())?;
-            socket.listen(LISTEN_BACKLOG as i32)?;
+            socket.listen(LISTEN_BACKLOG)?;
             Ok(socket.into())
         })
         .collect::<io::Result<Vec<_>>>()
@@ -184,8 +171,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let dns_v6 = SocketAddr::V6(targets.dns_v6);
     let relay_threads = relay_thread_count();
     let relay_listeners = [
-        listen_tcp_group("relay", relay_v4, relay_threads)?,
-        listen_tcp_group("relay", relay_v6, relay_threads)?,
+        listen_tcp("relay", relay_v4, relay_threads)?,
+        listen_tcp("relay", relay_v6, relay_threads)?,
     ];
     let dns_sockets = [
         listen_udp("dns", dns_v4).await?,
@@ -195,7 +182,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let dispatch_addrs = Dispatchers::listen_addresses(&config);
     let dispatch_listeners = dispatch_addrs
         .iter()
-        .map(|addr| listen_tcp("dispatcher", *addr))
+        .map(|addr| {
+            let listener = listen_tcp("dispatcher", *addr, 1)?.remove(0);
+            TcpListener::from_std(listener).map_err(|source| DaemonError::Listen {
+                what: "dispatcher",
+                addr: *addr,
+                source,
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
 
     let sandboxes = Arc::new(SandboxRegistry::create(root.clone(), tenants)?);
@@ -324,11 +318,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         tracing::warn!("in-flight connections still open after {DRAIN_TIMEOUT:?}; closing them");
     } else {
         // Drained: each relay thread writes the log lines it still holds, then ends.
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while !relay_threads.iter().all(|t| t.is_finished()) && std::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in relay_threads {
+                let _ = thread.join();
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
     }
     dispatchers.stop().await;
     recorder.flush();

@@ -281,7 +281,6 @@ fn kill_stale(dir: &Path) {
 }
 
 async fn serve_connection(stream: TcpStream, ns: Arc<Namespace>, shutdown: CancellationToken) {
-    let _ = stream.set_nodelay(true);
     let service = service_fn(move |req| {
         let ns = ns.clone();
         async move { Ok::<_, Infallible>(ns.handle(req).await) }

@@ -97,49 +97,46 @@ pub fn start_threads(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let listeners = {
+            let _in_runtime = runtime.enter();
+            listeners
+                .into_iter()
+                .map(TcpListener::from_std)
+                .collect::<std::io::Result<Vec<_>>>()?
+        };
         let ctx = ctx.for_thread();
-        let shutdown = shutdown.clone();
-        let tracker = tracker.clone();
+        let (shutdown, tracker) = (shutdown.clone(), tracker.clone());
         let thread = std::thread::Builder::new()
             .name(format!("relay-{n}"))
             .spawn(move || {
                 crate::record::batch_on_this_thread();
-                runtime.block_on(async move {
-                    for listener in listeners {
-                        match TcpListener::from_std(listener) {
-                            Ok(listener) => {
-                                let (ctx, shutdown, tracker) =
-                                    (ctx.clone(), shutdown.clone(), tracker.clone());
-                                // Each connection is served on this thread.
-                                tokio::spawn(async move {
-                                    accept_until(
-                                        listener,
-                                        shutdown.clone(),
-                                        "relay",
-                                        |stream, peer| {
-                                            tracker.spawn(handle(
-                                                stream,
-                                                peer,
-                                                ctx.clone(),
-                                                shutdown.clone(),
-                                            ));
-                                        },
-                                    )
-                                    .await
-                                });
-                            }
-                            Err(e) => tracing::error!("relay listener: {e}"),
-                        }
-                    }
-                    shutdown.cancelled().await;
-                    // Accepting has stopped: finish this thread's connections.
-                    tracker.wait().await;
-                    ctx.recorder.write_pending();
-                })
+                runtime.block_on(run_thread(listeners, ctx, shutdown, tracker));
             })?;
         threads.push(thread);
     }
     Ok(threads)
+}
+
+/// One relay thread: accepts until `shutdown`, then finishes its connections and
+/// writes the log lines it still holds.
+async fn run_thread(
+    listeners: Vec<TcpListener>,
+    ctx: Arc<RelayContext>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    for listener in listeners {
+        let (ctx, shutdown, tracker) = (ctx.clone(), shutdown.clone(), tracker.clone());
+        tokio::spawn(async move {
+            accept_until(listener, shutdown.clone(), "relay", |stream, peer| {
+                tracker.spawn(handle(stream, peer, ctx.clone(), shutdown.clone()));
+            })
+            .await
+        });
+    }
+    shutdown.cancelled().await;
+    tracker.wait().await;
+    ctx.recorder.write_pending();
 }
 
 /// One redirected connection, once identified.
