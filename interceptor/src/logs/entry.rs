@@ -176,6 +176,13 @@ impl LogEntry {
         }
     }
 
+    /// Fills in what is known once the exchange is over.
+    pub fn finished(&mut self, bytes_sent: u64, bytes_received: u64, started: std::time::Instant) {
+        self.bytes_sent = bytes_sent;
+        self.bytes_received = bytes_received;
+        self.duration_ms = started.elapsed().as_millis() as u64;
+    }
+
     pub fn with_decision(mut self, decision: Verdict, rule: impl Into<String>) -> Self {
         self.decision = decision;
         self.rule = rule.into();

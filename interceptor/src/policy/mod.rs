@@ -245,17 +245,17 @@ impl OutboundPolicy {
     pub fn decide_address(&self, ip: IpAddr) -> Option<Decision> {
         match allowing_cidr(&self.allow_cidrs, ip) {
             Some(net) => Some(Decision::allow(format!("cidr:{net}"))),
-            None => self.refuse_address(ip),
+            None => guarded(ip),
         }
     }
 
     /// The refusal [`decide_address`](Self::decide_address) would give, if any,
     /// without building the allowing decision (the relay asks this per request).
     pub fn refuse_address(&self, ip: IpAddr) -> Option<Decision> {
-        if allowing_cidr(&self.allow_cidrs, ip).is_some() {
-            return None;
+        match allowing_cidr(&self.allow_cidrs, ip) {
+            Some(_) => None,
+            None => guarded(ip),
         }
-        guarded_range(ip).map(|r| Decision::block(format!("guarded:{r}")))
     }
 
     /// Judges a connection that is neither HTTP nor TLS, by destination: as
@@ -282,6 +282,11 @@ impl OutboundPolicy {
     pub fn injections(&self) -> &[Injection] {
         &self.injections
     }
+}
+
+/// The refusal of an address in a guarded range (SPEC §5).
+fn guarded(ip: IpAddr) -> Option<Decision> {
+    guarded_range(ip).map(|r| Decision::block(format!("guarded:{r}")))
 }
 
 #[cfg(test)]

@@ -128,7 +128,9 @@ fn decide_address_guarded_and_cidrs() {
             .unwrap_or_else(|| panic!("{guarded}"));
         assert_eq!(d.action, Action::Block, "{guarded}");
         assert!(d.rule.starts_with("guarded:"), "{guarded}: {}", d.rule);
+        assert_eq!(p.refuse_address(ip(guarded)), Some(d), "{guarded}");
     }
+    assert_eq!(p.refuse_address(ip("8.8.8.8")), None);
 
     let p = policy("[outbound.e]\nallow_cidrs = [\"10.0.0.0/8\", \"127.0.0.2/32\", \"fd00::/8\", \"8.8.8.0/24\"]\n");
     assert_eq!(
@@ -142,6 +144,12 @@ fn decide_address_guarded_and_cidrs() {
     assert_eq!(
         p.decide_address(ip("127.0.0.2")),
         Some(Decision::allow("cidr:127.0.0.2/32"))
+    );
+    // What the relay asks per upstream address: only refusals.
+    assert_eq!(p.refuse_address(ip("127.0.0.2")), None);
+    assert_eq!(
+        p.refuse_address(ip("127.0.0.1")),
+        Some(Decision::block("guarded:127.0.0.0/8"))
     );
     assert_eq!(
         p.decide_address(ip("127.0.0.1")),

@@ -344,9 +344,7 @@ async fn handle_request(
                 // response goes out, head and body in one write, once the line is
                 // in the file.
                 Arrived::Whole(whole) => {
-                    entry.bytes_sent = sent.load(Ordering::Relaxed);
-                    entry.bytes_received = whole.len() as u64;
-                    entry.duration_ms = elapsed_ms(started);
+                    entry.finished(sent.load(Ordering::Relaxed), whole.len() as u64, started);
                     if let Some(logged) = ctx.recorder.record_batched(&entry, log) {
                         logged.await;
                     }
@@ -362,9 +360,7 @@ async fn handle_request(
             };
             let recorder = ctx.recorder.clone();
             let on_end = Box::new(move |received: u64| {
-                entry.bytes_sent = sent.load(Ordering::Relaxed);
-                entry.bytes_received = received;
-                entry.duration_ms = elapsed_ms(started);
+                entry.finished(sent.load(Ordering::Relaxed), received, started);
                 recorder.record(&entry, log);
             });
             let body = Metered::new(body, Arc::new(AtomicU64::new(0)), Some(on_end));
@@ -538,9 +534,12 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     /// A response read by a real hyper client from a server that sends `first`,
-    /// then, once the head has been parsed, `rest`; what `take_if_arrived` made of
-    /// it, and the body a client then gets.
-    async fn respond(first: impl Into<Vec<u8>>, rest: &'static [u8]) -> (&'static str, Bytes) {
+    /// then, once the head has been parsed, `rest` (or hangs up when there is
+    /// none); what `take_if_arrived` made of it, and the body a client then gets.
+    async fn respond(
+        first: impl Into<Vec<u8>>,
+        rest: Option<&'static [u8]>,
+    ) -> (&'static str, Result<Bytes, hyper::Error>) {
         let first = first.into();
         let (client, mut server) = tokio::io::duplex(4096);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
@@ -552,6 +551,9 @@ mod tests {
             let mut request = [0u8; 1024];
             let _ = tokio::io::AsyncReadExt::read(&mut server, &mut request).await;
             server.write_all(&first).await.unwrap();
+            let Some(rest) = rest else {
+                return;
+            };
             let _ = rx.await;
             server.write_all(rest).await.unwrap();
             let mut rest = Vec::new();
@@ -568,35 +570,30 @@ mod tests {
             Arrived::Nothing => ("nothing", body.boxed_unsync()),
         };
         let _ = tx.send(());
-        (kind, body.collect().await.unwrap().to_bytes())
+        (kind, body.collect().await.map(|b| b.to_bytes()))
     }
 
     #[tokio::test]
     async fn a_small_body_is_taken_whole_or_replayed_from_what_arrived() {
-        let (kind, body) = respond(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhelloworld",
-            b"",
-        )
-        .await;
-        assert_eq!((kind, &body[..]), ("whole", &b"helloworld"[..]));
-        let (kind, body) = respond(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
-            b"world",
-        )
-        .await;
-        assert_eq!((kind, &body[..]), ("started", &b"helloworld"[..]));
-        let (kind, body) = respond(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
-            b"helloworld",
-        )
-        .await;
-        assert_eq!((kind, &body[..]), ("nothing", &b"helloworld"[..]));
+        let head = "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n";
+        let (kind, body) = respond(format!("{head}helloworld"), Some(b"")).await;
+        assert_eq!((kind, &body.unwrap()[..]), ("whole", &b"helloworld"[..]));
+        let (kind, body) = respond(format!("{head}hello"), Some(b"world")).await;
+        assert_eq!((kind, &body.unwrap()[..]), ("started", &b"helloworld"[..]));
+        let (kind, body) = respond(head, Some(b"helloworld")).await;
+        assert_eq!((kind, &body.unwrap()[..]), ("nothing", &b"helloworld"[..]));
+        // An upstream that hangs up mid-body: the client gets the error, not a
+        // silently shortened body, whatever was taken first.
+        for first in [format!("{head}hel"), head.to_string()] {
+            let (kind, body) = respond(first, None).await;
+            assert!(body.is_err(), "{kind}: {body:?}");
+        }
         // Too big to be taken, even when it is all there.
         let big = format!(
             "HTTP/1.1 200 OK\r\ncontent-length: 70000\r\n\r\n{}",
             "x".repeat(70_000)
         );
-        let (kind, body) = respond(big, b"").await;
-        assert_eq!((kind, body.len()), ("nothing", 70_000));
+        let (kind, body) = respond(big, Some(b"")).await;
+        assert_eq!((kind, body.unwrap().len()), ("nothing", 70_000));
     }
 }

@@ -140,9 +140,7 @@ async fn pipe<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
         tracing::debug!(%target, "relay stream ended: {e}");
     }
-    entry.bytes_sent = client.count;
-    entry.bytes_received = server.count;
-    entry.duration_ms = elapsed_ms(started);
+    entry.finished(client.count, server.count, started);
     ctx.recorder.record(&entry, conn.log_enabled());
 }
 
