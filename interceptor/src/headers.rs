@@ -2,8 +2,8 @@
 //! dispatcher).
 
 use hyper::header::{
-    HeaderMap, HeaderName, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
 /// Headers that describe one HTTP/1.1 hop, not the message (RFC 9110 §7.6.1).
@@ -51,9 +51,46 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a request is the last its client sends on the connection: HTTP/1.1
+/// says so with `Connection: close`; HTTP/1.0 unless it asks for `keep-alive`.
+pub fn is_last_request(version: hyper::Version, headers: &HeaderMap) -> bool {
+    let has_token = |token: &str| {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match version {
+        hyper::Version::HTTP_10 => !has_token("keep-alive"),
+        _ => has_token("close"),
+    }
+}
+
+/// `Connection: close`, for a response that ends its connection.
+pub const CLOSE: HeaderValue = HeaderValue::from_static("close");
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_request_on_a_connection() {
+        use hyper::Version;
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(CONNECTION, value.parse().unwrap());
+            h
+        };
+        assert!(is_last_request(Version::HTTP_11, &with("close")));
+        assert!(is_last_request(Version::HTTP_11, &with("x-foo, Close")));
+        assert!(!is_last_request(Version::HTTP_11, &with("keep-alive")));
+        assert!(!is_last_request(Version::HTTP_11, &HeaderMap::new()));
+        assert!(!is_last_request(Version::HTTP_11, &with("closed")));
+        assert!(is_last_request(Version::HTTP_10, &HeaderMap::new()));
+        assert!(!is_last_request(Version::HTTP_10, &with("Keep-Alive")));
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

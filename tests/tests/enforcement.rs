@@ -285,6 +285,65 @@ fn ipv6_and_kept_alive_connections_with_two_hosts() {
     assert_eq!(api.requests()[1].uri, "/ten");
 }
 
+/// A response that ends its connection (HTTP/1.1 `Connection: close`, or HTTP/1.0
+/// without keep-alive) goes out corked with the FIN: it must still arrive whole,
+/// say `Connection: close`, and end at once; a kept-alive HTTP/1.0 connection
+/// must stay open.
+#[test]
+fn a_connections_last_response_arrives_whole_and_ends_it() {
+    if !privileged("a_connections_last_response_arrives_whole_and_ends_it") {
+        return;
+    }
+    let api = Upstream::start("127.0.0.2:0");
+    let d = daemon();
+    let script = format!(
+        "import socket, time\n\
+         def fetch(request, s=None):\n\
+         \x20 s = s or socket.create_connection(('127.0.0.2',{port}),timeout=5)\n\
+         \x20 start=time.monotonic(); s.sendall(request); data=b''\n\
+         \x20 while True:\n\
+         \x20   chunk=s.recv(65536)\n\
+         \x20   if not chunk: break\n\
+         \x20   data+=chunk\n\
+         \x20 return data, time.monotonic()-start\n\
+         head=b'Host: api.test:{port}\\r\\n'\n\
+         data,_=fetch(b'GET /last?size=60000 HTTP/1.1\\r\\n'+head+b'Connection: close\\r\\n\\r\\n')\n\
+         print('close', data.split(b' ')[1].decode(), b'connection: close' in data.lower(), data.endswith(b'x'*60000))\n\
+         data,_=fetch(b'GET / HTTP/1.1\\r\\nHost: blocked.test\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         print('blocked', data.split(b' ')[1].decode(), data.endswith(b'}}'))\n\
+         data,_=fetch(b'GET /ten HTTP/1.0\\r\\n'+head+b'\\r\\n')\n\
+         print('ten', data.split(b' ')[1].decode(), data.endswith(b'/ten'))\n\
+         times=sorted(fetch(b'GET /t HTTP/1.1\\r\\n'+head+b'Connection: close\\r\\n\\r\\n')[1] for _ in range(9))\n\
+         print('median_ms', round(times[4]*1000))\n\
+         s=socket.create_connection(('127.0.0.2',{port}),timeout=5)\n\
+         for path in (b'/ka1', b'/ka2'):\n\
+         \x20 s.sendall(b'GET '+path+b' HTTP/1.0\\r\\n'+head+b'Connection: keep-alive\\r\\n\\r\\n')\n\
+         \x20 data=b''\n\
+         \x20 while not data.endswith(path): data+=s.recv(65536)\n\
+         \x20 print('kept', path.decode(), data.split(b' ')[1].decode())\n",
+        port = api.port()
+    );
+    let out = d.python("acme", &script);
+    let printed = stdout(&out);
+    for line in [
+        "close 200 True True",
+        "blocked 403 True",
+        "ten 200 True",
+        "kept /ka1 200",
+        "kept /ka2 200",
+    ] {
+        assert!(printed.contains(line), "{line}: {}", text(&out));
+    }
+    // A response held corked until the kernel's 200 ms ceiling would show here.
+    let median_ms: u64 = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("median_ms "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", text(&out)));
+    assert!(median_ms < 150, "{median_ms} ms: {}", text(&out));
+    assert_eq!(api.requests().len(), 1 + 9 + 1 + 2);
+}
+
 #[test]
 fn tls_is_judged_by_sni_and_relayed_untouched() {
     if !privileged("tls_is_judged_by_sni_and_relayed_untouched") {
