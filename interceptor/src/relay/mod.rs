@@ -204,7 +204,9 @@ async fn handle(
     let stream = sniff::Prefixed::new(prefix, stream);
     match protocol {
         sniff::Protocol::Http => http::serve(stream, conn, ctx, shutdown).await,
-        sniff::Protocol::Tls => stream::relay_tls(stream, conn, ctx, started, sni).await,
-        sniff::Protocol::Opaque => stream::relay_opaque(stream, conn, ctx, started).await,
+        // Boxed: every connection's task is as large as its largest path, and the
+        // HTTP one, by far the most common, is the smallest.
+        sniff::Protocol::Tls => Box::pin(stream::relay_tls(stream, conn, ctx, started, sni)).await,
+        sniff::Protocol::Opaque => Box::pin(stream::relay_opaque(stream, conn, ctx, started)).await,
     }
 }
