@@ -45,7 +45,7 @@ pub enum KeyError {
 
 /// Loads the signing key for `algorithm` from `path`: for HS* the raw bytes of the file
 /// (trailing newlines trimmed), for RS*/PS* an RSA private key PEM (PKCS#1 or PKCS#8), for
-/// ES* a PKCS#8 EC private key PEM, for EdDSA a PKCS#8 Ed25519 private key PEM. The key is
+/// ES* an EC private key PEM (PKCS#8, or SEC1 as `openssl ecparam -genkey` writes it), for EdDSA a PKCS#8 Ed25519 private key PEM. The key is
 /// tried once by signing a throw-away token, so a key that does not fit the algorithm is
 /// an error here rather than on every request.
 pub fn load_key(algorithm: Algorithm, path: &Path) -> Result<EncodingKey, KeyError> {
@@ -78,9 +78,16 @@ pub fn load_key(algorithm: Algorithm, path: &Path) -> Result<EncodingKey, KeyErr
             (key, expected)
         }
         ES256 | ES384 => {
-            let expected = "a PKCS#8 EC private key in PEM (convert a SEC1 `EC PRIVATE KEY` with `openssl pkcs8 -topk8 -nocrypt`)";
-            let key = EncodingKey::from_ec_pem(&bytes)
-                .map_err(|e| format_err(expected, e.to_string()))?;
+            let expected = "an EC private key in PEM (PKCS#8 or SEC1)";
+            let key = match pem::parse(&bytes) {
+                Ok(block) if block.tag() == "EC PRIVATE KEY" => {
+                    let pkcs8 =
+                        sec1_to_pkcs8(block.contents()).map_err(|e| format_err(expected, e))?;
+                    EncodingKey::from_ec_der(&pkcs8)
+                }
+                _ => EncodingKey::from_ec_pem(&bytes)
+                    .map_err(|e| format_err(expected, e.to_string()))?,
+            };
             (key, expected)
         }
         EdDSA => {
@@ -97,6 +104,46 @@ pub fn load_key(algorithm: Algorithm, path: &Path) -> Result<EncodingKey, KeyErr
         )
     })?;
     Ok(key)
+}
+
+/// Wraps a SEC1 `ECPrivateKey` (RFC 5915) in PKCS#8 (RFC 5208), the only form the
+/// signer takes; the curve comes from the key's own parameters.
+fn sec1_to_pkcs8(sec1: &[u8]) -> Result<Vec<u8>, String> {
+    use simple_asn1::{oid, ASN1Block, ASN1Class, BigInt, BigUint};
+    let blocks = simple_asn1::from_der(sec1).map_err(|e| format!("bad SEC1 key: {e}"))?;
+    let Some(ASN1Block::Sequence(_, fields)) = blocks.first() else {
+        return Err("bad SEC1 key: not a sequence".to_string());
+    };
+    let curve = fields
+        .iter()
+        .find_map(|field| match field {
+            ASN1Block::Explicit(ASN1Class::ContextSpecific, _, tag, inner)
+                if *tag == BigUint::from(0u8) =>
+            {
+                match inner.as_ref() {
+                    ASN1Block::ObjectIdentifier(_, curve) => Some(curve.clone()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .ok_or("the SEC1 key does not name its curve")?;
+    let ec_public_key = oid!(1, 2, 840, 10045, 2, 1);
+    let pkcs8 = ASN1Block::Sequence(
+        0,
+        vec![
+            ASN1Block::Integer(0, BigInt::from(0)),
+            ASN1Block::Sequence(
+                0,
+                vec![
+                    ASN1Block::ObjectIdentifier(0, ec_public_key),
+                    ASN1Block::ObjectIdentifier(0, curve),
+                ],
+            ),
+            ASN1Block::OctetString(0, sec1.to_vec()),
+        ],
+    );
+    simple_asn1::to_der(&pkcs8).map_err(|e| format!("cannot re-encode the SEC1 key: {e}"))
 }
 
 /// A claims value whose strings are templates.
