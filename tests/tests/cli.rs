@@ -74,7 +74,7 @@ fn exec_without_a_daemon_or_with_an_unknown_tenant_fails_cleanly() {
     std::fs::write(
         &config,
         format!(
-            "[interceptor]\nadmin_socket = \"{}/admin.sock\"\n[tenants.acme]\n",
+            "[interceptor]\nadmin_socket = \"{0}/admin.sock\"\nlog_dir = \"{0}/logs\"\n[tenants.acme]\n",
             dir.path().display()
         ),
     )
@@ -99,8 +99,21 @@ fn exec_without_a_daemon_or_with_an_unknown_tenant_fails_cleanly() {
         "--config",
         config.to_str().unwrap(),
     ]);
-    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("unknown tenant"), "{}", stderr(&out));
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    // A configured tenant has an empty log before its first request, even before
+    // the daemon first made the log folder.
+    let out = interceptor(&[
+        "logs",
+        "--tenant",
+        "acme",
+        "--json",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
 
     if !privileged("exec_with_an_unknown_tenant") {
         return;

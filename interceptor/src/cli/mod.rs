@@ -178,6 +178,7 @@ pub fn run_command(command: Command) -> Result<i32, CliError> {
                 decision,
                 follow,
                 json,
+                known_tenants: located.tenants,
             };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();

@@ -26,8 +26,9 @@ pub use writer::{validate_tenant, LogWriter};
 /// line naming the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    /// `interceptor logs --tenant NAME` for a tenant that has no log file.
-    #[error("unknown tenant `{0}`: there are no logs for it (it is not a tenant, or it has made no requests yet)")]
+    /// `interceptor logs --tenant NAME` for a name that is neither configured nor
+    /// has a log file.
+    #[error("unknown tenant `{0}`: it is not in the config and has no logs")]
     UnknownTenant(String),
     /// A tenant name that cannot be a log file name (empty, `/`, leading `.`, NUL, too long).
     #[error("invalid tenant name `{0}`: it must be non-empty, at most 200 bytes, without `/` or NUL, and not start with `.`")]
@@ -61,10 +62,12 @@ impl LogError {
     }
 
     /// The process exit code for this error under SPEC §3: 2 for usage errors (a bad
-    /// `--since`, `--decision` or tenant name), 1 for the rest.
+    /// `--since`, `--decision` or tenant name, an unknown tenant, as `exec` has it too),
+    /// 1 for the rest.
     pub fn exit_code(&self) -> i32 {
         match self {
-            LogError::BadSince { .. }
+            LogError::UnknownTenant(_)
+            | LogError::BadSince { .. }
             | LogError::BadDecision(_)
             | LogError::BadProto(_)
             | LogError::InvalidTenant(_) => 2,

@@ -34,6 +34,10 @@ pub struct LogQuery {
     pub follow: bool,
     /// Print the stored JSON lines instead of a table.
     pub json: bool,
+    /// Tenants that exist whether or not they have logged anything yet (from the
+    /// config): asking for one of them prints an empty log (and `follow` waits for its
+    /// first line) where an unknown name is an error.
+    pub known_tenants: Vec<String>,
 }
 
 /// Parses a `--since` duration: `30s`, `5m`, `1h30m`, `2d`, `1h 30m` (humantime syntax).
@@ -100,35 +104,52 @@ fn run_inner(
         json: query.json,
     };
 
+    let known = |t: &str| query.known_tenants.iter().any(|k| k == t);
+    // A missing log folder is only an error when nothing says which tenants exist:
+    // the daemon creates it at its start, so with a config it just means "no logs yet".
+    let no_dir = || {
+        (!dir.is_dir() && query.known_tenants.is_empty())
+            .then(|| LogError::NoLogDir(dir.to_owned()))
+    };
     let tenants: Vec<String> = match &query.tenant {
         Some(t) => {
             validate_tenant(t)?;
-            if !dir.is_dir() {
-                return Err(LogError::NoLogDir(dir.to_owned()));
+            if !known(t) {
+                no_dir().map_or(Ok(()), Err)?;
             }
             vec![t.clone()]
         }
         None => {
-            if !dir.is_dir() {
-                return Err(LogError::NoLogDir(dir.to_owned()));
+            no_dir().map_or(Ok(()), Err)?;
+            if dir.is_dir() {
+                list_tenants(dir)
+                    .map_err(|e| LogError::io(format!("cannot list {}", dir.display()), e))?
+                    .into_iter()
+                    .collect()
+            } else {
+                Vec::new()
             }
-            list_tenants(dir)
-                .map_err(|e| LogError::io(format!("cannot list {}", dir.display()), e))?
-                .into_iter()
-                .collect()
         }
     };
 
     let mut streams = Vec::with_capacity(tenants.len());
+    // Known tenants without a log file yet: followed from their first line.
+    let mut not_yet = Vec::new();
+    let dir_exists = dir.is_dir();
     for t in &tenants {
-        let s = TenantStream::open(dir, t, following).map_err(|e| {
-            LogError::io(
-                format!("cannot read logs of tenant `{t}` in {}", dir.display()),
-                e,
-            )
-        })?;
-        match s {
+        let stream = if dir_exists {
+            TenantStream::open(dir, t, following).map_err(|e| {
+                LogError::io(
+                    format!("cannot read logs of tenant `{t}` in {}", dir.display()),
+                    e,
+                )
+            })?
+        } else {
+            None
+        };
+        match stream {
             Some(s) => streams.push(s),
+            None if known(t) => not_yet.push(t.clone()),
             None if query.tenant.is_some() => return Err(LogError::UnknownTenant(t.clone())),
             None => {}
         }
@@ -169,6 +190,10 @@ fn run_inner(
         .into_iter()
         .map(|s| (s.tenant.clone(), s.into_tail()))
         .collect();
+    for t in not_yet {
+        let tail = Tail::new(dir, &t);
+        tails.insert(t, tail);
+    }
     let mut batch = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         if query.tenant.is_none() {

@@ -401,7 +401,7 @@ fn unknown_and_invalid_tenants_and_missing_dir() {
     let err = run_query(dir, &query(Some("nobody"))).unwrap_err();
     assert!(matches!(&err, LogError::UnknownTenant(t) if t == "nobody"));
     assert!(err.to_string().contains("unknown tenant `nobody`"), "{err}");
-    assert_eq!(err.exit_code(), 1);
+    assert_eq!(err.exit_code(), 2);
 
     let err = run_query(dir, &query(Some("../etc/passwd"))).unwrap_err();
     assert!(matches!(err, LogError::InvalidTenant(_)));
@@ -693,4 +693,45 @@ fn entry_at_has_millisecond_ts() {
     let e = entry_at("x", 0, 0, Verdict::Allow);
     assert_eq!(e.ts.nanosecond() % 1_000_000, 0);
     assert!(e.ts <= OffsetDateTime::now_utc());
+}
+
+#[test]
+fn a_configured_tenant_without_logs_has_an_empty_log_and_can_be_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Not even the folder yet: the daemon has not run with this config.
+    let dir = tmp.path().join("logs");
+    let known = |tenant: Option<&str>| LogQuery {
+        known_tenants: vec!["quiet".to_string()],
+        ..query(tenant)
+    };
+    assert_eq!(run_query(&dir, &known(Some("quiet"))).unwrap(), "");
+    assert_eq!(run_query(&dir, &known(None)).unwrap(), "");
+    let mut table = known(None);
+    table.json = false;
+    assert_eq!(
+        run_query(&dir, &table).unwrap().lines().count(),
+        1,
+        "header only"
+    );
+    // An unknown name is still an error, and without a config a missing folder too.
+    let err = run_query(&dir, &known(Some("ghost"))).unwrap_err();
+    assert!(matches!(err, LogError::UnknownTenant(_)), "{err}");
+    assert!(matches!(
+        run_query(&dir, &query(None)).unwrap_err(),
+        LogError::NoLogDir(_)
+    ));
+
+    let mut q = known(Some("quiet"));
+    q.follow = true;
+    let (buf, stop, h) = spawn_follow(&dir, q);
+    std::thread::sleep(Duration::from_millis(300));
+    let w = LogWriter::open(&dir, 0, 0).unwrap();
+    w.write(&entry_at("quiet", 0, 1, Verdict::Allow)).unwrap();
+    w.write(&entry_at("other", 0, 2, Verdict::Allow)).unwrap();
+    let out = buf.wait_for(|t| t.lines().count() == 1);
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap().unwrap();
+    assert_eq!(rules(&out), ["n1"]);
+    let err = run_query(&dir, &known(Some("ghost"))).unwrap_err();
+    assert!(matches!(err, LogError::UnknownTenant(_)), "{err}");
 }
