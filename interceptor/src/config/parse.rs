@@ -596,13 +596,16 @@ fn interceptor(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> InterceptorConfig {
                 && !s.starts_with('-')
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'$'));
-            if ok {
-                c.sandbox_user = s;
-            } else {
+            if !ok {
                 ctx.error(
                     f.span(),
                     format!("`sandbox_user`: \"{s}\" is not a user name or numeric uid"),
                 );
+            } else {
+                match sandbox_user(&s) {
+                    Ok(name) => c.sandbox_user = name,
+                    Err(why) => ctx.error(f.span(), format!("`sandbox_user`: {why}")),
+                }
             }
         }
     }
@@ -1262,4 +1265,23 @@ fn claim_value(ctx: &mut Ctx<'_>, v: &Value) -> Option<serde_json::Value> {
         }
         Value::InlineTable(t) => return claim_table(ctx, t),
     })
+}
+
+/// The account sandboxed processes run as, by name or numeric uid: it must exist
+/// here, and must not be root (a root sandbox could leave its cgroup and reach the
+/// admin socket).
+fn sandbox_user(given: &str) -> Result<String, String> {
+    use nix::unistd::{Uid, User};
+    let user = match given.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(given),
+    }
+    .map_err(|e| format!("cannot look up user \"{given}\": {e}"))?
+    .ok_or_else(|| format!("no such user \"{given}\" on this host"))?;
+    if user.uid.is_root() {
+        return Err(format!(
+            "\"{given}\" is root; sandboxed processes must run as an unprivileged user"
+        ));
+    }
+    Ok(user.name)
 }

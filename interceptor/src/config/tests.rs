@@ -449,3 +449,30 @@ fn a_namespace_cannot_share_a_tenants_name() {
         "{errs:#?}"
     );
 }
+
+#[test]
+fn sandbox_user_must_exist_and_not_be_root() {
+    let uid_of_nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("this host has a nobody user")
+        .uid;
+    let c = ok(&format!(
+        "[interceptor]\nsandbox_user = \"{uid_of_nobody}\"\n"
+    ));
+    assert_eq!(
+        c.interceptor.sandbox_user, "nobody",
+        "a uid is taken by its name"
+    );
+    for (user, why) in [
+        ("no-such-user-here", "no such user \"no-such-user-here\""),
+        ("root", "\"root\" is root"),
+        ("0", "\"0\" is root"),
+    ] {
+        let errs = errors(&format!("[interceptor]\nsandbox_user = \"{user}\"\n"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with(&format!("{FILE}:2:16: `sandbox_user`: {why}")),
+            "{errs:?}"
+        );
+    }
+}
