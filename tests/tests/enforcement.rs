@@ -23,6 +23,14 @@ const CONFIG: &str = r#"
 outbound = "egress"
 params = { customer_name = "acme" }
 
+[tenants.strict]
+outbound = "strict"
+
+[outbound.strict]
+default = "block"
+allow = ["tls.test"]
+allow_cidrs = ["127.0.0.2/32"]
+
 [outbound.egress]
 default = "allow"
 block = ["blocked.test", "*.evil.test"]
@@ -394,6 +402,34 @@ fn tls_is_judged_by_sni_and_relayed_untouched() {
         e["proto"] == "tls" && e["host"] == "blocked.test"
     });
     assert_eq!(entry["decision"], "block");
+
+    // A ClientHello without SNI: under `default = "block"` the connection is closed,
+    // even to an address in `allow_cidrs`; under `default = "allow"` the address is
+    // judged (and 127.0.0.2 is allowed).
+    let no_sni = format!(
+        "import socket, ssl\nctx=ssl.create_default_context()\nctx.check_hostname=False\n\
+         ctx.verify_mode=ssl.CERT_NONE\ns=socket.create_connection(('127.0.0.2',{port}),timeout=5)\n\
+         try:\n  ctx.wrap_socket(s, server_hostname=None)\n  print('handshake')\n\
+         except (ssl.SSLError, OSError) as e:\n  print('closed', e)\n"
+    );
+    let before = tls.connections();
+    let out = d.python("strict", &no_sni);
+    assert!(stdout(&out).starts_with("closed"), "{}", text(&out));
+    assert_eq!(
+        tls.connections(),
+        before,
+        "no SNI reached upstream under block"
+    );
+    let entry = d.wait_for_log("strict", |e| e["proto"] == "tls");
+    assert_eq!(entry["decision"], "block");
+    assert_eq!(entry["rule"], "default:block");
+    assert_eq!(entry["host"], Value::Null);
+    let out = d.python("acme", &no_sni);
+    assert!(stdout(&out).starts_with("handshake"), "{}", text(&out));
+    // With SNI, the strict tenant's allow rule lets it through.
+    let with_sni = no_sni.replace("server_hostname=None", "server_hostname='tls.test'");
+    let out = d.python("strict", &with_sni);
+    assert!(stdout(&out).starts_with("handshake"), "{}", text(&out));
 }
 
 #[test]

@@ -78,8 +78,13 @@ pub async fn relay_tls(
                 }
             }
         }
-        // Without SNI there is no host to judge: the dialled address is all we have.
-        None => judge_address(&conn, &ctx),
+        // Without SNI there is no host an allow rule could match: under a default of
+        // block that holds whatever the address (SPEC §5); else the dialled address
+        // is all there is to judge.
+        None => match conn.sandbox.tenant.policy.default_action() {
+            Action::Block => (Decision::block("default:block"), None),
+            Action::Allow => judge_address(&conn, &ctx),
+        },
     };
     let mut entry = conn.entry(Proto::Tls, &decision, Verdict::Allow);
     entry.host = hello;
