@@ -328,6 +328,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     dispatchers.stop().await;
     recorder.flush();
     let _ = std::fs::remove_file(&settings.admin_socket);
+    remove_pointer();
     // The programs stay attached: with no relay listening, sandboxed connects fail.
     drop(enforcement);
     tracing::info!("stopped");
@@ -372,6 +373,18 @@ fn write_pointer(pointer: &DaemonPointer) {
         });
     if let Err(e) = written {
         tracing::warn!("cannot write {POINTER_FILE}: {e}");
+    }
+}
+
+/// Removes the pointer file if it still points at this daemon (a daemon started
+/// since, with another config, keeps its own).
+fn remove_pointer() {
+    let ours = std::fs::read_to_string(POINTER_FILE)
+        .ok()
+        .and_then(|text| serde_json::from_str::<DaemonPointer>(&text).ok())
+        .is_some_and(|pointer| pointer.pid == std::process::id());
+    if ours {
+        let _ = std::fs::remove_file(POINTER_FILE);
     }
 }
 

@@ -831,7 +831,12 @@ print("errors", errors)
     assert_eq!(lines.len(), 320, "{lines:?}");
     let distinct: std::collections::BTreeSet<_> = lines.iter().collect();
     assert_eq!(distinct.len(), 320);
+    let pid = d.pid();
     let exit = d.stop_with(libc::SIGTERM);
     assert!(exit.success(), "{exit}\n{}", d.daemon_stderr());
     assert_eq!(burst(&d).len(), 320);
+    // The CLI's pointer to the running daemon goes with it (another test's daemon
+    // may have written its own since).
+    let pointer = std::fs::read_to_string("/run/interceptor/daemon.json").unwrap_or_default();
+    assert!(!pointer.contains(&format!("\"pid\": {pid}")), "{pointer}");
 }
