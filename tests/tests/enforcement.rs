@@ -291,6 +291,16 @@ fn ipv6_and_kept_alive_connections_with_two_hosts() {
     let out = d.python("acme", &script);
     assert!(stdout(&out).contains(" 200"), "{}", text(&out));
     assert_eq!(api.requests()[1].uri, "/ten");
+
+    // An absolute-form URI without a port goes to the port the sandbox dialled.
+    let script = format!(
+        "import socket\ns=socket.create_connection(('127.0.0.2',{port}),timeout=5)\n\
+         s.sendall(b'GET http://api.test/abs HTTP/1.1\\r\\nHost: api.test\\r\\n\\r\\n')\nprint(s.recv(12))\n",
+        port = api.port()
+    );
+    let out = d.python("acme", &script);
+    assert!(stdout(&out).contains(" 200"), "{}", text(&out));
+    assert_eq!(api.requests()[2].uri, "/abs");
 }
 
 /// A response that ends its connection (HTTP/1.1 `Connection: close`, or HTTP/1.0

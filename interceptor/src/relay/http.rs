@@ -171,17 +171,22 @@ struct RequestTarget {
 }
 
 impl RequestTarget {
-    /// The absolute-form URI wins over the Host header (RFC 9112 §3.2.2). Its port
-    /// defaults by scheme; a Host header's defaults to the port the sandbox dialled.
-    fn of(req: &Request<Incoming>, dialled: SocketAddr) -> Result<Self, &'static str> {
-        let dialled_port = dialled.port();
+    /// The absolute-form URI wins over the Host header (RFC 9112 §3.2.2). Without a
+    /// port in either, the port is the one the sandbox dialled (SPEC §5); only a
+    /// request sent to the relay's own address (a Worker's subrequest) has no dialled
+    /// port to go by, and defaults by scheme.
+    fn of<B>(
+        req: &Request<B>,
+        dialled: SocketAddr,
+        dialled_relay: bool,
+    ) -> Result<Self, &'static str> {
         let tls = match req.uri().scheme_str() {
             None | Some("http") => false,
             Some("https") => true,
             Some(_) => return Err("unsupported scheme in the request target"),
         };
-        let default_port = match (req.uri().authority().is_some(), tls) {
-            (false, _) => dialled_port,
+        let default_port = match (dialled_relay && req.uri().authority().is_some(), tls) {
+            (false, _) => dialled.port(),
             (true, false) => 80,
             (true, true) => 443,
         };
@@ -236,7 +241,8 @@ async fn handle_request(
 ) -> Response<RelayBody> {
     let started = Instant::now();
     let method = req.method().to_string();
-    let target = match RequestTarget::of(&req, conn.dst) {
+    let dialled_relay = ctx.local.is_local_listener(conn.dst);
+    let target = match RequestTarget::of(&req, conn.dst, dialled_relay) {
         Ok(target) => target,
         Err(why) => {
             let decision = Decision {
@@ -616,6 +622,38 @@ mod tests {
         };
         let _ = tx.send(());
         (kind, body.collect().await.map(|b| b.to_bytes()))
+    }
+
+    #[test]
+    fn the_port_is_the_named_one_else_the_dialled_one() {
+        let dialled: SocketAddr = "127.0.0.2:8080".parse().unwrap();
+        let relay: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+        let port = |uri: &str, host: Option<&str>, to: SocketAddr, is_relay: bool| {
+            let mut req = Request::get(uri);
+            if let Some(host) = host {
+                req = req.header(HOST, host);
+            }
+            let target = RequestTarget::of(&req.body(()).unwrap(), to, is_relay).unwrap();
+            (target.port, target.tls, target.url)
+        };
+        let url = |s: &str| s.to_string();
+        assert_eq!(
+            port("/a", Some("api.test"), dialled, false),
+            (8080, false, url("http://api.test/a"))
+        );
+        assert_eq!(port("/a", Some("api.test:81"), dialled, false).0, 81);
+        assert_eq!(port("http://api.test/a", None, dialled, false).0, 8080);
+        assert_eq!(port("https://api.test/a", None, dialled, false).0, 8080);
+        assert_eq!(
+            port("http://api.test:82/a", Some("x.test"), dialled, false).0,
+            82
+        );
+        // A Worker's subrequest, sent to the relay itself: by scheme.
+        assert_eq!(port("http://api.test/a", None, relay, true).0, 80);
+        assert_eq!(
+            port("https://api.test/a", None, relay, true),
+            (443, true, url("https://api.test/a"))
+        );
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ pub struct LocalAddresses {
 }
 
 impl LocalAddresses {
-    fn is_local_listener(&self, addr: SocketAddr) -> bool {
+    pub(crate) fn is_local_listener(&self, addr: SocketAddr) -> bool {
         self.listeners.iter().any(|l| {
             l.port() == addr.port()
                 && (l.ip() == addr.ip() || addr.ip().is_unspecified() || l.ip().is_unspecified())
