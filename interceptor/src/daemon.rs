@@ -224,6 +224,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     tracing::info!(cgroup = %root.display(), "eBPF programs attached");
     dispatchers.serve(dispatch_listeners, &shutdown, &tracker);
 
+    let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let dns_ctx = Arc::new(DnsContext {
+        destinations: enforcement.destinations(),
+        sandboxes: sandboxes.clone(),
+        recorder: recorder.clone(),
+        resolver: resolver.clone(),
+        forwarders: dns::forwarders_from_resolv_conf(&resolv_conf, &local.listeners),
+    });
     let relay_ctx = RelayContext::new(
         enforcement.destinations(),
         sandboxes.clone(),
@@ -231,6 +239,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         resolver.clone(),
         local.clone(),
         context_key.clone(),
+        dns_ctx.clone(),
         upstream_pool,
     );
     // One relay thread per CPU: each accepts on its own listeners and owns its
@@ -238,14 +247,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let [v4, v6] = relay_listeners;
     let per_thread = v4.into_iter().zip(v6).map(|(a, b)| vec![a, b]).collect();
     let relay_threads = relay::start_threads(per_thread, &relay_ctx, &shutdown, &tracker)?;
-    let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let dns_ctx = Arc::new(DnsContext {
-        destinations: enforcement.destinations(),
-        sandboxes: sandboxes.clone(),
-        recorder: recorder.clone(),
-        resolver,
-        forwarders: dns::forwarders_from_resolv_conf(&resolv_conf, &local.listeners),
-    });
     for socket in dns_sockets {
         tokio::spawn(dns::serve(
             socket,

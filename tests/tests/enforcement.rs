@@ -534,6 +534,36 @@ fn dns_answers_from_the_policy_and_logs_every_query() {
     assert_eq!(entry["dst"], "127.0.0.53:53");
     let entry = d.wait_for_log("acme", |e| e["proto"] == "dns" && e["host"] == "api.test");
     assert_eq!(entry["decision"], "allow");
+
+    // DNS over TCP is answered and logged as DNS, two queries on one connection;
+    // anything else sent to port 53 over TCP gets nothing.
+    let tcp = "import socket,struct\n\
+        def q(name):\n\
+        \x20 m=struct.pack('>HHHHHH',0x4321,0x0100,1,0,0,0)+b''.join(bytes([len(p)])+p.encode() for p in name.split('.'))+b'\\x00'+struct.pack('>HH',1,1)\n\
+        \x20 return struct.pack('>H',len(m))+m\n\
+        def reply(s):\n\
+        \x20 n=struct.unpack('>H',s.recv(2))[0]; r=b''\n\
+        \x20 while len(r)<n: r+=s.recv(n-len(r))\n\
+        \x20 return r\n\
+        s=socket.create_connection(('127.0.0.53',53),timeout=5)\n\
+        s.sendall(q('x.evil.test')); r=reply(s); print('blocked_rcode', r[3]&15)\n\
+        s.sendall(q('api.test')); r=reply(s); print('allowed_rcode', r[3]&15, 'addr', '.'.join(str(b) for b in r[-4:]))\n\
+        t=socket.create_connection(('127.0.0.53',53),timeout=5)\n\
+        t.sendall(b'\\x00\\x05hello'); print('garbage', t.recv(100))\n";
+    let out = d.python("acme", tcp);
+    let printed = stdout(&out);
+    for line in [
+        "blocked_rcode 3",
+        "allowed_rcode 0 addr 127.0.0.2",
+        "garbage b''",
+    ] {
+        assert!(printed.contains(line), "{line}: {}", text(&out));
+    }
+    let entry = d.wait_for_log("acme", |e| {
+        e["proto"] == "dns" && e["host"] == "x.evil.test"
+    });
+    assert_eq!(entry["decision"], "block");
+    assert_eq!(entry["dst"], "127.0.0.53:53");
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The DNS listener: sandboxed UDP port-53 traffic is redirected here by the eBPF
-//! hooks. Names the tenant's outbound Worker blocks get NXDOMAIN; `[resolve]`
+//! hooks (TCP port-53 connections reach the relay, which hands them to [`serve_tcp`]). Names the tenant's outbound Worker blocks get NXDOMAIN; `[resolve]`
 //! names are answered locally; the rest is forwarded to the host's resolvers.
 //! Every query is logged as `proto = "dns"`.
 
@@ -12,19 +12,22 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ebpf::DestinationTable;
+use crate::ebpf::{DestinationTable, OriginalDestination};
 use crate::logs::{Proto, Verdict};
 use crate::policy::Action;
 use crate::record::Recorder;
 use crate::resolve::{normalize_host, Resolver};
-use crate::tenants::SandboxRegistry;
+use crate::tenants::{Sandbox, SandboxRegistry};
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 const STATIC_TTL: u32 = 60;
+/// How long a DNS-over-TCP connection may sit between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
 
 pub struct DnsContext {
     pub destinations: DestinationTable,
@@ -89,7 +92,6 @@ async fn answer(
     client: SocketAddr,
     query: &[u8],
 ) -> Option<Vec<u8>> {
-    let started = Instant::now();
     // Only queries from sandboxed sockets the hooks redirected are served.
     let cookie = match origin::socket_cookie(local, client) {
         Ok(cookie) => cookie,
@@ -100,6 +102,54 @@ async fn answer(
     };
     let original = ctx.destinations.by_cookie(cookie)?;
     let sandbox = ctx.sandboxes.lookup(original.cgroup_id)?;
+    answer_for(ctx, &sandbox, &original, query).await
+}
+
+/// DNS over TCP (RFC 7766: each message after its two-byte length), from a sandboxed
+/// connection to port 53 the relay identified: answered like UDP queries, so a TCP
+/// query is judged and logged too. Anything that is not DNS ends the connection.
+pub async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    ctx: &DnsContext,
+    sandbox: &Sandbox,
+    original: &OriginalDestination,
+) {
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let mut query = vec![0u8; u16::from_be_bytes(len) as usize];
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let Some(reply) = answer_for(ctx, sandbox, original, &query).await else {
+            return;
+        };
+        let Ok(reply_len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(2 + reply.len());
+        framed.extend_from_slice(&reply_len.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        if stream.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers one query of `sandbox`'s, sent to `original`, and logs it.
+async fn answer_for(
+    ctx: &DnsContext,
+    sandbox: &Sandbox,
+    original: &OriginalDestination,
+    query: &[u8],
+) -> Option<Vec<u8>> {
+    let started = Instant::now();
     let request = Message::from_vec(query).ok()?;
     let question = request.queries().first()?.clone();
     let name = normalize_host(&question.name().to_ascii());

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept::accept_until;
 use crate::context::ContextKey;
+use crate::dns::{self, DnsContext};
 use crate::ebpf::DestinationTable;
 use crate::logs::{LogEntry, Proto, Verdict};
 use crate::policy::Decision;
@@ -29,6 +30,8 @@ use crate::tenants::{Sandbox, SandboxRegistry};
 
 pub use pool::{OriginTlsError, UpstreamPool};
 pub use upstream::LocalAddresses;
+
+const DNS_PORT: u16 = 53;
 
 /// What every connection handler of one relay thread shares. Everything but the
 /// upstream connection pools is shared by all threads.
@@ -40,6 +43,8 @@ pub struct RelayContext {
     pub local: LocalAddresses,
     /// Verifies the request contexts dispatched Workers' subrequests carry.
     pub context_key: Arc<ContextKey>,
+    /// Answers DNS over TCP (connections to port 53).
+    pub dns: Arc<DnsContext>,
     upstream: UpstreamPool,
     subrequests: Arc<subrequests::SubrequestCounter>,
 }
@@ -52,6 +57,7 @@ impl RelayContext {
         resolver: Arc<Resolver>,
         local: LocalAddresses,
         context_key: Arc<ContextKey>,
+        dns: Arc<DnsContext>,
         upstream: UpstreamPool,
     ) -> Arc<Self> {
         Arc::new(RelayContext {
@@ -61,6 +67,7 @@ impl RelayContext {
             resolver,
             local,
             context_key,
+            dns,
             upstream,
             subrequests: Default::default(),
         })
@@ -76,6 +83,7 @@ impl RelayContext {
             resolver: self.resolver.clone(),
             local: self.local.clone(),
             context_key: self.context_key.clone(),
+            dns: self.dns.clone(),
             upstream: self.upstream.fresh_pool(),
             subrequests: self.subrequests.clone(),
         })
@@ -184,6 +192,12 @@ async fn handle(
         return;
     };
     let dst = original.socket_addr();
+    if dst.port() == DNS_PORT {
+        // DNS over TCP is judged and answered as DNS, never relayed as bytes: no
+        // resolver outside the policy, no tunnel through port 53.
+        dns::serve_tcp(stream, &ctx.dns, &sandbox, &original).await;
+        return;
+    }
     let conn = Connection {
         sandbox,
         dst,
