@@ -233,13 +233,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         forwarders: dns::forwarders_from_resolv_conf(&resolv_conf, &local.listeners),
     });
     let relay_ctx = RelayContext::new(
-        enforcement.destinations(),
-        sandboxes.clone(),
-        recorder.clone(),
-        resolver.clone(),
+        dns_ctx.clone(),
         local.clone(),
         context_key.clone(),
-        dns_ctx.clone(),
         upstream_pool,
     );
     // One relay thread per CPU: each accepts on its own listeners and owns its

@@ -50,21 +50,19 @@ pub struct RelayContext {
 }
 
 impl RelayContext {
+    /// The relay identifies, records and resolves with what the DNS listener
+    /// uses: one view of the sandboxes for both.
     pub fn new(
-        destinations: DestinationTable,
-        sandboxes: Arc<SandboxRegistry>,
-        recorder: Arc<Recorder>,
-        resolver: Arc<Resolver>,
+        dns: Arc<DnsContext>,
         local: LocalAddresses,
         context_key: Arc<ContextKey>,
-        dns: Arc<DnsContext>,
         upstream: UpstreamPool,
     ) -> Arc<Self> {
         Arc::new(RelayContext {
-            destinations,
-            sandboxes,
-            recorder,
-            resolver,
+            destinations: dns.destinations.clone(),
+            sandboxes: dns.sandboxes.clone(),
+            recorder: dns.recorder.clone(),
+            resolver: dns.resolver.clone(),
             local,
             context_key,
             dns,
