@@ -329,6 +329,8 @@ fn a_connections_last_response_arrives_whole_and_ends_it() {
          print('close', data.split(b' ')[1].decode(), b'connection: close' in data.lower(), data.endswith(b'x'*60000))\n\
          data,_=fetch(b'GET / HTTP/1.1\\r\\nHost: blocked.test\\r\\nConnection: close\\r\\n\\r\\n')\n\
          print('blocked', data.split(b' ')[1].decode(), data.endswith(b'}}'))\n\
+         data,_=fetch(b'POST /post HTTP/1.1\\r\\n'+head+b'Content-Length: 5\\r\\nConnection: close\\r\\n\\r\\nhello')\n\
+         print('post', data.split(b' ')[1].decode(), data.endswith(b'/post'))\n\
          data,_=fetch(b'GET /ten HTTP/1.0\\r\\n'+head+b'\\r\\n')\n\
          print('ten', data.split(b' ')[1].decode(), data.endswith(b'/ten'))\n\
          times=sorted(fetch(b'GET /t HTTP/1.1\\r\\n'+head+b'Connection: close\\r\\n\\r\\n')[1] for _ in range(9))\n\
@@ -346,6 +348,7 @@ fn a_connections_last_response_arrives_whole_and_ends_it() {
     for line in [
         "close 200 True True",
         "blocked 403 True",
+        "post 200 True",
         "ten 200 True",
         "kept /ka1 200",
         "kept /ka2 200",
@@ -359,7 +362,7 @@ fn a_connections_last_response_arrives_whole_and_ends_it() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{}", text(&out)));
     assert!(median_ms < 150, "{median_ms} ms: {}", text(&out));
-    assert_eq!(api.requests().len(), 1 + 9 + 1 + 2);
+    assert_eq!(api.requests().len(), 1 + 1 + 9 + 1 + 2);
 }
 
 #[test]

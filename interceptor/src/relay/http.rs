@@ -48,10 +48,12 @@ pub async fn serve(
     let conn = Arc::new(conn);
     let socket = ClientSocket::new(stream);
     let cork = socket.cork.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let (conn, ctx, cork) = (conn.clone(), ctx.clone(), cork.clone());
         async move {
-            let last = is_last_request(req.version(), req.headers());
+            // Only without a request body: closing a socket with unread input
+            // resets the connection, and drops what is still corked with it.
+            let last = is_last_request(req.version(), req.headers()) && req.body().is_end_stream();
             let mut response = handle_request(req, &conn, &ctx).await;
             let small = response
                 .body()
