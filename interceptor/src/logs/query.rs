@@ -104,38 +104,28 @@ fn run_inner(
         json: query.json,
     };
 
+    if let Some(t) = &query.tenant {
+        validate_tenant(t)?;
+    }
     let known = |t: &str| query.known_tenants.iter().any(|k| k == t);
+    let dir_exists = dir.is_dir();
     // A missing log folder is only an error when nothing says which tenants exist:
     // the daemon creates it at its start, so with a config it just means "no logs yet".
-    let no_dir = || {
-        (!dir.is_dir() && query.known_tenants.is_empty())
-            .then(|| LogError::NoLogDir(dir.to_owned()))
-    };
+    if !dir_exists && query.known_tenants.is_empty() {
+        return Err(LogError::NoLogDir(dir.to_owned()));
+    }
     let tenants: Vec<String> = match &query.tenant {
-        Some(t) => {
-            validate_tenant(t)?;
-            if !known(t) {
-                no_dir().map_or(Ok(()), Err)?;
-            }
-            vec![t.clone()]
-        }
-        None => {
-            no_dir().map_or(Ok(()), Err)?;
-            if dir.is_dir() {
-                list_tenants(dir)
-                    .map_err(|e| LogError::io(format!("cannot list {}", dir.display()), e))?
-                    .into_iter()
-                    .collect()
-            } else {
-                Vec::new()
-            }
-        }
+        Some(t) => vec![t.clone()],
+        None if dir_exists => list_tenants(dir)
+            .map_err(|e| LogError::io(format!("cannot list {}", dir.display()), e))?
+            .into_iter()
+            .collect(),
+        None => Vec::new(),
     };
 
     let mut streams = Vec::with_capacity(tenants.len());
     // Known tenants without a log file yet: followed from their first line.
     let mut not_yet = Vec::new();
-    let dir_exists = dir.is_dir();
     for t in &tenants {
         let stream = if dir_exists {
             TenantStream::open(dir, t, following).map_err(|e| {
