@@ -596,16 +596,13 @@ fn interceptor(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> InterceptorConfig {
                 && !s.starts_with('-')
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'$'));
-            if !ok {
-                ctx.error(
+            match ok.then(|| sandbox_user(&s)) {
+                Some(Ok(name)) => c.sandbox_user = name,
+                Some(Err(why)) => ctx.error(f.span(), format!("`sandbox_user`: {why}")),
+                None => ctx.error(
                     f.span(),
                     format!("`sandbox_user`: \"{s}\" is not a user name or numeric uid"),
-                );
-            } else {
-                match sandbox_user(&s) {
-                    Ok(name) => c.sandbox_user = name,
-                    Err(why) => ctx.error(f.span(), format!("`sandbox_user`: {why}")),
-                }
+                ),
             }
         }
     }

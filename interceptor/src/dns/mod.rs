@@ -1,5 +1,6 @@
 //! The DNS listener: sandboxed UDP port-53 traffic is redirected here by the eBPF
-//! hooks (TCP port-53 connections reach the relay, which hands them to [`serve_tcp`]). Names the tenant's outbound Worker blocks get NXDOMAIN; `[resolve]`
+//! hooks (TCP port-53 connections reach the relay, which hands them to
+//! [`serve_tcp`]). Names the tenant's outbound Worker blocks get NXDOMAIN; `[resolve]`
 //! names are answered locally; the rest is forwarded to the host's resolvers.
 //! Every query is logged as `proto = "dns"`.
 
