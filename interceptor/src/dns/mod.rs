@@ -103,7 +103,16 @@ async fn answer(
     };
     let original = ctx.destinations.by_cookie(cookie)?;
     let sandbox = ctx.sandboxes.lookup(original.cgroup_id)?;
-    answer_for(ctx, &sandbox, &original, query).await
+    answer_for(ctx, &sandbox, &original, query, Transport::Udp).await
+}
+
+/// How a query came, and so how a reply too large for UDP is handled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// A truncated reply is passed on: the client asks again over TCP.
+    Udp,
+    /// A truncated reply is fetched again over TCP.
+    Tcp,
 }
 
 /// DNS over TCP (RFC 7766: each message after its two-byte length), from a sandboxed
@@ -116,28 +125,13 @@ pub async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
     original: &OriginalDestination,
 ) {
     loop {
-        let mut len = [0u8; 2];
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
-        }
-        let mut query = vec![0u8; u16::from_be_bytes(len) as usize];
-        if !matches!(
-            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await,
-            Ok(Ok(_))
-        ) {
-            return;
-        }
-        let Some(reply) = answer_for(ctx, sandbox, original, &query).await else {
+        let Ok(Ok(query)) = tokio::time::timeout(TCP_IDLE, read_framed(&mut stream)).await else {
             return;
         };
-        let Ok(reply_len) = u16::try_from(reply.len()) else {
+        let Some(reply) = answer_for(ctx, sandbox, original, &query, Transport::Tcp).await else {
             return;
         };
-        let mut framed = Vec::with_capacity(2 + reply.len());
-        framed.extend_from_slice(&reply_len.to_be_bytes());
-        framed.extend_from_slice(&reply);
-        if stream.write_all(&framed).await.is_err() {
+        if write_framed(&mut stream, &reply).await.is_err() {
             return;
         }
     }
@@ -149,6 +143,7 @@ async fn answer_for(
     sandbox: &Sandbox,
     original: &OriginalDestination,
     query: &[u8],
+    transport: Transport,
 ) -> Option<Vec<u8>> {
     let started = Instant::now();
     let request = Message::from_vec(query).ok()?;
@@ -183,7 +178,7 @@ async fn answer_for(
             .collect();
         respond(&request, ResponseCode::NoError, records)
     } else {
-        match forward(&ctx.forwarders, query).await {
+        match forward(&ctx.forwarders, query, transport).await {
             Some((reply, server)) => {
                 entry.decision = Verdict::Allow;
                 entry.upstream = Some(server.to_string());
@@ -216,32 +211,122 @@ fn respond(request: &Message, code: ResponseCode, answers: Vec<Record>) -> Optio
     response.to_vec().ok()
 }
 
-/// Sends the query as it came to each resolver in turn; the first reply wins.
-async fn forward(forwarders: &[SocketAddr], query: &[u8]) -> Option<(Vec<u8>, SocketAddr)> {
+/// Sends the query as it came to each resolver in turn; the first reply wins. A
+/// truncated reply to a TCP query is asked for again over TCP.
+async fn forward(
+    forwarders: &[SocketAddr],
+    query: &[u8],
+    transport: Transport,
+) -> Option<(Vec<u8>, SocketAddr)> {
     for &server in forwarders {
-        let bind: SocketAddr = if server.is_ipv4() {
-            "0.0.0.0:0".parse().ok()?
-        } else {
-            "[::]:0".parse().ok()?
-        };
-        let Ok(socket) = UdpSocket::bind(bind).await else {
+        let Some(reply) = forward_udp(server, query).await else {
             continue;
         };
-        if socket.connect(server).await.is_err() || socket.send(query).await.is_err() {
-            continue;
+        if transport == Transport::Tcp && is_truncated(&reply) {
+            if let Some(whole) = forward_tcp(server, query).await {
+                return Some((whole, server));
+            }
         }
-        let mut buf = vec![0u8; 4096];
-        if let Ok(Ok(n)) = tokio::time::timeout(FORWARD_TIMEOUT, socket.recv(&mut buf)).await {
-            buf.truncate(n);
-            return Some((buf, server));
-        }
+        return Some((reply, server));
     }
     None
+}
+
+fn is_truncated(reply: &[u8]) -> bool {
+    Message::from_vec(reply).is_ok_and(|m| m.truncated())
+}
+
+async fn forward_udp(server: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().ok()?
+    } else {
+        "[::]:0".parse().ok()?
+    };
+    let socket = UdpSocket::bind(bind).await.ok()?;
+    socket.connect(server).await.ok()?;
+    socket.send(query).await.ok()?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(FORWARD_TIMEOUT, socket.recv(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+async fn forward_tcp(server: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(server).await.ok()?;
+        write_framed(&mut stream, query).await.ok()?;
+        read_framed(&mut stream).await.ok()
+    };
+    tokio::time::timeout(FORWARD_TIMEOUT, exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// One DNS message after its two-byte length (RFC 7766).
+async fn read_framed<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await?;
+    let mut message = vec![0u8; u16::from_be_bytes(len) as usize];
+    stream.read_exact(&mut message).await?;
+    Ok(message)
+}
+
+async fn write_framed<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    message: &[u8],
+) -> std::io::Result<()> {
+    let len = u16::try_from(message.len())
+        .map_err(|_| std::io::Error::other("DNS message over 64 KiB"))?;
+    let mut framed = Vec::with_capacity(2 + message.len());
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    stream.write_all(&framed).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resolver on loopback whose UDP replies are truncated and whose TCP
+    /// replies are whole, as a real one's are for a large answer.
+    #[tokio::test]
+    async fn a_truncated_reply_is_fetched_again_over_tcp_for_a_tcp_query() {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let server = tcp.local_addr().unwrap();
+        let udp = UdpSocket::bind(server).await.unwrap();
+        let reply = |truncated: bool| {
+            let mut m = Message::new();
+            m.set_id(7)
+                .set_message_type(MessageType::Response)
+                .set_truncated(truncated);
+            m.to_vec().unwrap()
+        };
+        let (udp_reply, tcp_reply) = (reply(true), reply(false));
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (_, from) = udp.recv_from(&mut buf).await.unwrap();
+                udp.send_to(&udp_reply, from).await.unwrap();
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = tcp.accept().await.unwrap();
+                read_framed(&mut stream).await.unwrap();
+                write_framed(&mut stream, &tcp_reply).await.unwrap();
+            }
+        });
+        let query = Message::new().to_vec().unwrap();
+        let (got, from) = forward(&[server], &query, Transport::Tcp).await.unwrap();
+        assert_eq!(from, server);
+        assert!(!is_truncated(&got), "fetched whole over TCP");
+        let (got, _) = forward(&[server], &query, Transport::Udp).await.unwrap();
+        assert!(is_truncated(&got), "passed on for the client to retry");
+    }
 
     #[test]
     fn resolv_conf_nameservers() {
