@@ -31,21 +31,26 @@ pub struct Located {
 
 impl Located {
     fn from_config(config: &Config) -> Located {
-        let workers = config.dispatch_namespaces.iter().flat_map(|ns| {
-            std::fs::read_dir(&ns.workers)
-                .into_iter()
-                .flatten()
-                .filter_map(|entry| {
-                    let file = entry.ok()?.file_name();
-                    worker_of(file.to_str()?).map(str::to_string)
-                })
-        });
         Located {
             admin_socket: config.interceptor.admin_socket.clone(),
             log_dir: config.interceptor.log_dir.clone(),
-            tenants: config.tenants.keys().cloned().chain(workers).collect(),
+            tenants: tenants_of(config),
         }
     }
+}
+
+/// The config's tenants and the User Workers now in its namespaces' folders.
+fn tenants_of(config: &Config) -> Vec<String> {
+    let workers = config.dispatch_namespaces.iter().flat_map(|ns| {
+        std::fs::read_dir(&ns.workers)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let file = entry.ok()?.file_name();
+                worker_of(file.to_str()?).map(str::to_string)
+            })
+    });
+    config.tenants.keys().cloned().chain(workers).collect()
 }
 
 pub fn locate(config: Option<&Path>) -> Result<Located, CliError> {
@@ -59,7 +64,7 @@ pub fn locate(config: Option<&Path>) -> Result<Located, CliError> {
     {
         // The running daemon's config, if it still reads, knows the tenants.
         let tenants = crate::config::load(&pointer.config)
-            .map(|config| Located::from_config(&config).tenants)
+            .map(|config| tenants_of(&config))
             .unwrap_or_default();
         return Ok(Located {
             admin_socket: pointer.admin_socket,

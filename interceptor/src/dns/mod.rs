@@ -326,6 +326,21 @@ mod tests {
         assert!(!is_truncated(&got), "fetched whole over TCP");
         let (got, _) = forward(&[server], &query, Transport::Udp).await.unwrap();
         assert!(is_truncated(&got), "passed on for the client to retry");
+
+        // A resolver that cannot be reached over TCP: the truncated reply is
+        // still better than none.
+        let udp_only = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        let udp_only_addr = udp_only.local_addr().unwrap();
+        let truncated = reply(true);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (_, from) = udp_only.recv_from(&mut buf).await.unwrap();
+            udp_only.send_to(&truncated, from).await.unwrap();
+        });
+        let (got, _) = forward(&[udp_only_addr], &query, Transport::Tcp)
+            .await
+            .unwrap();
+        assert!(is_truncated(&got));
     }
 
     #[test]

@@ -374,6 +374,29 @@ fn jwt_rs256_es256_eddsa() {
 
 #[test]
 fn jwt_key_errors() {
+    // a SEC1 key that is not DER, or does not name its curve, is refused with why
+    let tmp = tempfile::tempdir().unwrap();
+    let no_curve = simple_asn1::to_der(&simple_asn1::ASN1Block::Sequence(
+        0,
+        vec![
+            simple_asn1::ASN1Block::Integer(0, 1.into()),
+            simple_asn1::ASN1Block::OctetString(0, vec![7; 32]),
+        ],
+    ))
+    .unwrap();
+    for (contents, why) in [
+        (b"not DER".to_vec(), "bad SEC1 key"),
+        (no_curve, "does not name its curve"),
+    ] {
+        let path = tmp.path().join("ec.pem");
+        std::fs::write(
+            &path,
+            pem::encode(&pem::Pem::new("EC PRIVATE KEY", contents)),
+        )
+        .unwrap();
+        let e = load_key(Algorithm::ES256, &path).err().unwrap();
+        assert!(e.to_string().contains(why), "{e}");
+    }
     // a key of the wrong kind is refused at load time
     let e = load_key(Algorithm::ES384, &testdata("es256-sec1.pem"))
         .err()

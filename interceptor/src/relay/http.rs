@@ -243,8 +243,7 @@ async fn handle_request(
 ) -> Response<RelayBody> {
     let started = Instant::now();
     let method = req.method().to_string();
-    let dialled_relay = ctx.local.is_local_listener(conn.dst);
-    let target = match RequestTarget::of(&req, conn.dst, dialled_relay) {
+    let target = match RequestTarget::of(&req, conn.dst, conn.dialled_relay) {
         Ok(target) => target,
         Err(why) => {
             let decision = Decision {

@@ -152,6 +152,8 @@ pub(crate) struct Connection {
     pub dst: SocketAddr,
     /// `dst` as logged, formatted once for all the connection's requests.
     dst_text: String,
+    /// Whether `dst` is the relay itself, as for a Worker's subrequests.
+    dialled_relay: bool,
     pub pid: u32,
 }
 
@@ -200,6 +202,7 @@ async fn handle(
         sandbox,
         dst,
         dst_text: dst.to_string(),
+        dialled_relay: ctx.local.is_local_listener(dst),
         pid: original.pid,
     };
     let (protocol, prefix) = match sniff::sniff(&mut stream).await {
