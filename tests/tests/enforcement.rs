@@ -239,6 +239,22 @@ fn guarded_ranges_are_refused_however_they_are_reached() {
         ),
     );
     assert!(!stdout(&out).contains("raw"), "{}", text(&out));
+    // TCP Fast Open: the connect hides in sendto(), data in the SYN.
+    let out = d.python(
+        "acme",
+        &format!(
+            "import socket
+s=socket.socket()
+             try:
+  s.sendto(b'\\x00\\x01tfo',socket.MSG_FASTOPEN,('127.0.0.5',{port}))
+               s.settimeout(3)
+  print('got', s.recv(10))
+except Exception as e:
+  print('error', e)
+"
+        ),
+    );
+    assert!(!stdout(&out).contains("tfo"), "{}", text(&out));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(private.connections(), 0, "a guarded address was reached");
     d.wait_for_log("acme", |e| {
