@@ -459,7 +459,10 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             Some(t) => interceptor(&mut ctx, &t),
             None => InterceptorConfig::default(),
         },
-        None => InterceptorConfig::default(),
+        None => {
+            default_sandbox_user(&mut ctx, None);
+            InterceptorConfig::default()
+        }
     };
     let resolve = match root.get("resolve") {
         Some(f) => match ctx.table(&f, "[resolve]".into()) {
@@ -605,6 +608,8 @@ fn interceptor(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> InterceptorConfig {
                 ),
             }
         }
+    } else {
+        default_sandbox_user(ctx, t.span.clone());
     }
     if let Some(f) = t.get("upstream_ca") {
         let list = match f.item.as_str() {
@@ -1262,6 +1267,17 @@ fn claim_value(ctx: &mut Ctx<'_>, v: &Value) -> Option<serde_json::Value> {
         }
         Value::InlineTable(t) => return claim_table(ctx, t),
     })
+}
+
+/// Without `sandbox_user`, the default account must exist all the same: `exec`
+/// and every Worker would fail on it later. `span` is the `[interceptor]` table's.
+fn default_sandbox_user(ctx: &mut Ctx<'_>, span: Span) {
+    if let Err(why) = sandbox_user(DEFAULT_SANDBOX_USER) {
+        ctx.error(
+            span,
+            format!("`sandbox_user` is not set and its default does not fit: {why}; set `sandbox_user` in [interceptor]"),
+        );
+    }
 }
 
 /// The account sandboxed processes run as, by name or numeric uid: it must exist
