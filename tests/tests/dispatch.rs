@@ -46,7 +46,8 @@ fn ready(test: &str, workers: &[&str]) -> bool {
     false
 }
 
-fn config(port: u16, limits: &str) -> String {
+/// `namespace_extra`: more lines for the namespace's table.
+fn config(port: u16, limits: &str, namespace_extra: &str) -> String {
     format!(
         r#"
 [resolve]
@@ -59,6 +60,7 @@ listen = "127.0.0.1:{port}"
 workers = "{{dir}}/workers"
 outbound = {{ service = "egress", parameters = ["customer_name", "url"] }}
 limits = {{ {limits} }}
+{namespace_extra}
 
 [outbound.egress]
 default = "allow"
@@ -81,14 +83,23 @@ struct Dispatch {
 
 impl Dispatch {
     fn start(limits: &str) -> Dispatch {
-        Self::start_configured("", limits, &[])
+        Self::start_configured("", "", limits, &[])
     }
 
-    fn start_configured(interceptor_extra: &str, limits: &str, files: &[(&str, &str)]) -> Dispatch {
+    fn start_configured(
+        interceptor_extra: &str,
+        namespace_extra: &str,
+        limits: &str,
+        files: &[(&str, &str)],
+    ) -> Dispatch {
         let port = free_port();
         let mut all = vec![("jwt.key", JWT_KEY)];
         all.extend_from_slice(files);
-        let d = Daemon::start_configured(interceptor_extra, &config(port, limits), &all);
+        let d = Daemon::start_configured(
+            interceptor_extra,
+            &config(port, limits, namespace_extra),
+            &all,
+        );
         let workers = d.dir.path().join("workers");
         std::fs::create_dir_all(&workers).unwrap();
         Dispatch { d, port, workers }
@@ -474,6 +485,45 @@ fn a_killed_worker_process_is_restarted() {
 }
 
 #[test]
+fn an_idle_worker_process_is_stopped_and_the_next_request_starts_one() {
+    if !ready(
+        "an_idle_worker_process_is_stopped_and_the_next_request_starts_one",
+        &["hello", "spin"],
+    ) {
+        return;
+    }
+    let t = Dispatch::start_configured(
+        "",
+        "idle_timeout_seconds = 1",
+        "cpu_ms = 5000, memory_mb = 64, subrequests = 5",
+        &[],
+    );
+    t.install("hello", "hello");
+    t.install("spin", "spin");
+    assert_eq!(t.get("hello.example.com", "/").status, 200);
+    let idle = t.pid("hello");
+    // A request running longer than the timeout keeps its process.
+    let port = t.port;
+    let slow = thread::spawn(move || request(port, "spin.example.com", "/?ms=2500", &[]));
+    assert!(
+        eventually(Duration::from_secs(10), || gone(idle)),
+        "the idle Worker process {idle} was not stopped"
+    );
+    let busy = t.pid("spin");
+    let r = slow.join().unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "spun 2500 ms"), "{r:?}");
+    assert_eq!(t.pid("spin"), busy, "a busy Worker process was stopped");
+    assert!(t.d.daemon_stderr().contains("no request for 1s"));
+    let r = t.get("hello.example.com", "/");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "hello from hello"),
+        "{r:?}"
+    );
+    assert_ne!(t.pid("hello"), idle);
+}
+
+#[test]
 fn requests_in_flight_when_the_process_dies_get_500() {
     if !ready(
         "requests_in_flight_when_the_process_dies_get_500",
@@ -850,6 +900,7 @@ fn https_subrequests_are_seen_in_the_clear_and_originated_by_the_relay() {
     let port = tls.port();
     let t = Dispatch::start_configured(
         "upstream_ca = [\"{dir}/ca.pem\"]",
+        "",
         "cpu_ms = 1000, memory_mb = 64, subrequests = 5",
         &[("ca.pem", &pem)],
     );

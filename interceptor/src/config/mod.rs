@@ -38,6 +38,9 @@ pub const DEFAULT_LOG_KEEP: u32 = 5;
 pub const DEFAULT_JWT_TTL_SECONDS: u64 = 300;
 /// Default `[[dispatch_namespaces]].binding`.
 pub const DEFAULT_BINDING: &str = "dispatcher";
+/// Default `[[dispatch_namespaces]].idle_timeout_seconds`: a Worker process
+/// without a request for this long is stopped (the next request starts one).
+pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 600;
 /// The parameters a dispatcher can pass (`[[dispatch_namespaces]].outbound.parameters`):
 /// `customer_name` is the Worker's name, `url` the incoming request's URL.
 pub const DISPATCH_PARAMETERS: &[&str] = &["customer_name", "url"];
@@ -179,6 +182,9 @@ pub struct DispatchNamespace {
     pub workers: PathBuf,
     pub outbound: Option<NamespaceOutbound>,
     pub limits: Limits,
+    /// How long a Worker process may go without a request before it is
+    /// stopped; `None`: never.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// `outbound = { service, parameters }` of a dispatch namespace.

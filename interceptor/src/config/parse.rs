@@ -54,6 +54,7 @@ const NAMESPACE_KEYS: &[&str] = &[
     "workers",
     "outbound",
     "limits",
+    "idle_timeout_seconds",
 ];
 const NS_OUTBOUND_KEYS: &[&str] = &["service", "parameters"];
 const LIMIT_KEYS: &[&str] = &["cpu_ms", "memory_mb", "subrequests"];
@@ -874,8 +875,14 @@ fn namespaces(
                 Some(l)
             })
             .unwrap_or_default();
-        if let (Some(binding), Some(namespace), Some(listen), Some(workers)) =
-            (binding, namespace, listen, workers)
+        // 0: Worker processes are never stopped for being idle.
+        let idle_timeout = match tl.get("idle_timeout_seconds") {
+            Some(f) => ctx.integer(&f, 0, i64::from(u32::MAX)).map(|n| n as u64),
+            None => Some(DEFAULT_IDLE_TIMEOUT_SECONDS),
+        }
+        .map(|secs| (secs > 0).then(|| std::time::Duration::from_secs(secs)));
+        if let (Some(binding), Some(namespace), Some(listen), Some(workers), Some(idle_timeout)) =
+            (binding, namespace, listen, workers, idle_timeout)
         {
             out.push(DispatchNamespace {
                 binding,
@@ -884,6 +891,7 @@ fn namespaces(
                 workers,
                 outbound,
                 limits,
+                idle_timeout,
             });
         }
     }

@@ -98,6 +98,10 @@ fn spec_example_parses() {
             subrequests: Some(50)
         }
     );
+    assert_eq!(
+        ns.idle_timeout,
+        Some(std::time::Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECONDS))
+    );
     let e = c.outbound("egress").unwrap();
     assert_eq!(e.default, Action::Allow);
     assert_eq!(e.allow.len(), 2);
@@ -446,6 +450,25 @@ fn a_namespace_cannot_share_a_tenants_name() {
     assert_eq!(errs.len(), 1, "{errs:#?}");
     assert!(
         errs[0].contains(":3:13: dispatch namespace `acme` has the name of a tenant"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn idle_timeout_seconds_zero_is_never() {
+    let ns = |extra: &str| {
+        format!("[[dispatch_namespaces]]\nnamespace = \"n\"\nlisten = \"127.0.0.1:9000\"\nworkers = \"/w\"\n{extra}\n")
+    };
+    let c = ok(&ns("idle_timeout_seconds = 0"));
+    assert_eq!(c.dispatch_namespaces[0].idle_timeout, None);
+    let c = ok(&ns("idle_timeout_seconds = 30"));
+    assert_eq!(
+        c.dispatch_namespaces[0].idle_timeout,
+        Some(std::time::Duration::from_secs(30))
+    );
+    let errs = errors(&ns("idle_timeout_seconds = -1"));
+    assert!(
+        errs[0].contains(":5:24: `idle_timeout_seconds` must be between 0 and"),
         "{errs:#?}"
     );
 }

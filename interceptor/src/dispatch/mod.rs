@@ -208,6 +208,9 @@ impl Dispatchers {
                 "dispatcher ready"
             );
             tokio::spawn(ns.clone().watch_loop(shutdown.clone()));
+            if let Some(idle_timeout) = ns.config.idle_timeout {
+                tokio::spawn(ns.clone().stop_idle_loop(idle_timeout, shutdown.clone()));
+            }
             let what = format!("dispatcher {}", ns.config.namespace);
             let (ns, shutdown, tracker) = (ns.clone(), shutdown.clone(), tracker.clone());
             tokio::spawn(async move {
@@ -712,6 +715,43 @@ impl Namespace {
             }
             Err(message) => {
                 tracing::warn!(namespace = %self.config.namespace, worker = %name, "{message}")
+            }
+        }
+    }
+
+    /// Stops Worker processes that had no request for `idle_timeout`, until
+    /// `shutdown`: a namespace of many Workers keeps processes for the busy ones
+    /// only. The next request starts a new process, without a restart backoff.
+    async fn stop_idle_loop(self: Arc<Self>, idle_timeout: Duration, shutdown: CancellationToken) {
+        let every = (idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.cancelled() => return,
+            }
+            for slot in self.slots() {
+                // Requests lease under this lock: none can start on the process
+                // between the check and the retirement. A slot being loaded or
+                // started is not idle.
+                let Ok(_state) = slot.update.try_lock() else {
+                    continue;
+                };
+                // A dead one is left to the next request, which counts it
+                // towards the restart backoff.
+                let Some(current) = slot.current().filter(|p| !p.has_exited()) else {
+                    continue;
+                };
+                if current.idle_for().is_some_and(|idle| idle >= idle_timeout) {
+                    slot.take_current();
+                    current.retire();
+                    tracing::info!(
+                        namespace = %self.config.namespace,
+                        worker = %slot.name,
+                        pid = current.pid,
+                        "stopping the Worker process: no request for {}s",
+                        idle_timeout.as_secs()
+                    );
+                }
             }
         }
     }

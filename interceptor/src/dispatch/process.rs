@@ -55,9 +55,10 @@ pub struct SpawnSpec<'a> {
     pub kill_all: &'a CancellationToken,
 }
 
-#[derive(Default)]
 struct State {
     inflight: usize,
+    /// Since when nothing has been in flight.
+    idle_since: Instant,
     retired: bool,
     exit: Option<(Instant, ExitStatus)>,
 }
@@ -85,8 +86,11 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let mut state = self.process.lock();
         state.inflight -= 1;
-        if state.retired && state.inflight == 0 {
-            self.process.stop.cancel();
+        if state.inflight == 0 {
+            state.idle_since = Instant::now();
+            if state.retired {
+                self.process.stop.cancel();
+            }
         }
     }
 }
@@ -144,6 +148,12 @@ impl Process {
 
     pub fn inflight(&self) -> usize {
         self.lock().inflight
+    }
+
+    /// How long it has had nothing in flight; `None` while it has.
+    pub fn idle_for(&self) -> Option<Duration> {
+        let state = self.lock();
+        (state.inflight == 0).then(|| state.idle_since.elapsed())
     }
 
     /// Sends a request over the channel. On failure, the message the client gets.
@@ -305,7 +315,12 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
             hash: spec.artifact.hash,
             started: Instant::now(),
             sender,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                inflight: 0,
+                idle_since: Instant::now(),
+                retired: false,
+                exit: None,
+            }),
             stop,
             exited,
         }),
