@@ -494,26 +494,26 @@ fn an_idle_worker_process_is_stopped_and_the_next_request_starts_one() {
     }
     let t = Dispatch::start_configured(
         "",
-        "idle_timeout_seconds = 1",
-        "cpu_ms = 5000, memory_mb = 64, subrequests = 5",
+        "idle_timeout_seconds = 2",
+        "cpu_ms = 10000, memory_mb = 64, subrequests = 5",
         &[],
     );
     t.install("hello", "hello");
     t.install("spin", "spin");
     assert_eq!(t.get("hello.example.com", "/").status, 200);
-    let idle = t.pid("hello");
+    assert_eq!(t.get("spin.example.com", "/?ms=1").status, 200);
+    let (idle, busy) = (t.pid("hello"), t.pid("spin"));
     // A request running longer than the timeout keeps its process.
     let port = t.port;
-    let slow = thread::spawn(move || request(port, "spin.example.com", "/?ms=2500", &[]));
+    let slow = thread::spawn(move || request(port, "spin.example.com", "/?ms=4000", &[]));
     assert!(
         eventually(Duration::from_secs(10), || gone(idle)),
         "the idle Worker process {idle} was not stopped"
     );
-    let busy = t.pid("spin");
     let r = slow.join().unwrap();
-    assert_eq!((r.status, r.body.as_str()), (200, "spun 2500 ms"), "{r:?}");
+    assert_eq!((r.status, r.body.as_str()), (200, "spun 4000 ms"), "{r:?}");
     assert_eq!(t.pid("spin"), busy, "a busy Worker process was stopped");
-    assert!(t.d.daemon_stderr().contains("no request for 1s"));
+    assert!(t.d.daemon_stderr().contains("no request for 2s"));
     let r = t.get("hello.example.com", "/");
     assert_eq!(
         (r.status, r.body.as_str()),
