@@ -51,21 +51,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the comma-separated values of header `name` hold `token`.
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
 /// Whether a request is the last its client sends on the connection: HTTP/1.1
 /// says so with `Connection: close`; HTTP/1.0 unless it asks for `keep-alive`.
 pub fn is_last_request(version: hyper::Version, headers: &HeaderMap) -> bool {
-    let has_token = |token: &str| {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
     match version {
-        hyper::Version::HTTP_10 => !has_token("keep-alive"),
-        _ => has_token("close"),
+        hyper::Version::HTTP_10 => !has_token(headers, &CONNECTION, "keep-alive"),
+        _ => has_token(headers, &CONNECTION, "close"),
     }
+}
+
+/// Whether an HTTP/1.1 message asks to switch its connection to WebSocket
+/// (RFC 6455 §4): `Connection: upgrade` with `Upgrade: websocket`. Other
+/// protocols (h2c above all) are not switched to: the relay could no longer
+/// judge the requests that follow.
+pub fn is_websocket_upgrade(version: hyper::Version, headers: &HeaderMap) -> bool {
+    version == hyper::Version::HTTP_11
+        && has_token(headers, &CONNECTION, "upgrade")
+        && has_token(headers, &UPGRADE, "websocket")
+}
+
+/// Puts back the two headers [`strip_hop_by_hop`] removed from a WebSocket
+/// upgrade, for the next hop.
+pub fn restore_websocket_upgrade(headers: &mut HeaderMap) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
 }
 
 /// `Connection: close`, for a response that ends its connection.
@@ -90,6 +109,42 @@ mod tests {
         assert!(!is_last_request(Version::HTTP_11, &with("closed")));
         assert!(is_last_request(Version::HTTP_10, &HeaderMap::new()));
         assert!(!is_last_request(Version::HTTP_10, &with("Keep-Alive")));
+    }
+
+    #[test]
+    fn a_websocket_upgrade() {
+        use hyper::Version;
+        let with = |connection: &str, upgrade: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(CONNECTION, connection.parse().unwrap());
+            h.insert(UPGRADE, upgrade.parse().unwrap());
+            h
+        };
+        assert!(is_websocket_upgrade(
+            Version::HTTP_11,
+            &with("Upgrade", "websocket")
+        ));
+        assert!(is_websocket_upgrade(
+            Version::HTTP_11,
+            &with("keep-alive, upgrade", "WebSocket")
+        ));
+        assert!(!is_websocket_upgrade(
+            Version::HTTP_11,
+            &with("upgrade", "h2c")
+        ));
+        assert!(!is_websocket_upgrade(
+            Version::HTTP_11,
+            &with("keep-alive", "websocket")
+        ));
+        assert!(!is_websocket_upgrade(
+            Version::HTTP_10,
+            &with("upgrade", "websocket")
+        ));
+        let mut h = with("upgrade", "websocket");
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+        restore_websocket_upgrade(&mut h);
+        assert!(is_websocket_upgrade(Version::HTTP_11, &h));
     }
 
     #[test]

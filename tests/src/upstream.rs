@@ -10,6 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 
 #[derive(Clone, Debug)]
@@ -37,7 +38,8 @@ pub struct Upstream {
 
 impl Upstream {
     /// An HTTP server on `addr` (e.g. `127.0.0.2:0`), answering
-    /// `200 hello from <addr> <path>` to everything (`?size=N`: N bytes of `x`).
+    /// `200 hello from <addr> <path>` to everything (`?size=N`: N bytes of `x`),
+    /// and switching to an echo for `Upgrade: websocket`.
     pub fn start(addr: &str) -> Upstream {
         Self::start_inner(addr, None)
     }
@@ -90,9 +92,16 @@ impl Upstream {
                     let sink = sink.clone();
                     let tls = tls.clone();
                     tokio::spawn(async move {
-                        let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
                             let sink = sink.clone();
                             async move {
+                                // `Upgrade: websocket`: switches, then echoes
+                                // every byte back behind `echo:`.
+                                let websocket =
+                                    req.headers().get(hyper::header::UPGRADE).is_some_and(|v| {
+                                        v.as_bytes().eq_ignore_ascii_case(b"websocket")
+                                    });
+                                let upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
                                 let (parts, body) = req.into_parts();
                                 let body = body
                                     .collect()
@@ -112,6 +121,37 @@ impl Upstream {
                                         .collect(),
                                     body: body.to_vec(),
                                 });
+                                if let Some(upgrade) = upgrade {
+                                    tokio::spawn(async move {
+                                        let Ok(upgraded) = upgrade.await else { return };
+                                        let mut io = TokioIo::new(upgraded);
+                                        let mut buf = [0u8; 1024];
+                                        loop {
+                                            match io.read(&mut buf).await {
+                                                Ok(0) | Err(_) => return,
+                                                Ok(n) => {
+                                                    let mut echo = b"echo:".to_vec();
+                                                    echo.extend_from_slice(&buf[..n]);
+                                                    if io.write_all(&echo).await.is_err() {
+                                                        return;
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    });
+                                    let mut switching = Response::new(Full::new(Bytes::new()));
+                                    *switching.status_mut() =
+                                        hyper::StatusCode::SWITCHING_PROTOCOLS;
+                                    switching.headers_mut().insert(
+                                        hyper::header::CONNECTION,
+                                        hyper::header::HeaderValue::from_static("upgrade"),
+                                    );
+                                    switching.headers_mut().insert(
+                                        hyper::header::UPGRADE,
+                                        hyper::header::HeaderValue::from_static("websocket"),
+                                    );
+                                    return Ok::<_, Infallible>(switching);
+                                }
                                 // `?size=N` asks for a body of N bytes instead.
                                 let text = match parts
                                     .uri
@@ -130,12 +170,14 @@ impl Upstream {
                                 if let Ok(stream) = acceptor.accept(stream).await {
                                     let _ = http1::Builder::new()
                                         .serve_connection(TokioIo::new(stream), service)
+                                        .with_upgrades()
                                         .await;
                                 }
                             }
                             None => {
                                 let _ = http1::Builder::new()
                                     .serve_connection(TokioIo::new(stream), service)
+                                    .with_upgrades()
                                     .await;
                             }
                         }

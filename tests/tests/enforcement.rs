@@ -319,6 +319,104 @@ fn ipv6_and_kept_alive_connections_with_two_hosts() {
     assert_eq!(api.requests()[2].uri, "/abs");
 }
 
+/// A WebSocket handshake is judged and injected like any request; once the upstream
+/// switches, bytes cross both ways and the request is logged when the tunnel ends.
+/// Other upgrades (h2c) are not passed on: the relay could not judge what follows.
+#[test]
+fn a_websocket_is_judged_injected_then_relayed_both_ways() {
+    if !privileged("a_websocket_is_judged_injected_then_relayed_both_ways") {
+        return;
+    }
+    let api = Upstream::start("127.0.0.2:0");
+    let d = daemon();
+    let handshake = |host: &str, upgrade: &str| {
+        format!(
+            "GET /ws HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: Upgrade\\r\\nUpgrade: {upgrade}\\r\\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\nSec-WebSocket-Version: 13\\r\\n\\r\\n"
+        )
+    };
+    let script = format!(
+        "import socket\n\
+         def open_ws(head):\n  s=socket.create_connection(('127.0.0.2',{port}),timeout=5)\n  s.sendall(head)\n  \
+         r=b''\n  while b'\\r\\n\\r\\n' not in r:\n    c=s.recv(1000)\n    if not c: break\n    r+=c\n  \
+         return s, r.split(b'\\r\\n')[0].decode()\n\
+         s,status=open_ws(b'{allowed}')\nprint('allowed', status)\n\
+         s.sendall(b'ping')\nprint('got', s.recv(100))\ns.sendall(b'pong!')\nprint('got', s.recv(100))\ns.close()\n\
+         s,status=open_ws(b'{blocked}')\nprint('blocked', status)\n\
+         s,status=open_ws(b'{h2c}')\nprint('h2c', status)\n",
+        port = api.port(),
+        allowed = handshake("api.test", "websocket"),
+        blocked = handshake("blocked.test", "websocket"),
+        h2c = handshake("api.test", "h2c"),
+    );
+    let out = d.python("acme", &script);
+    let printed = stdout(&out);
+    for line in [
+        "allowed HTTP/1.1 101 Switching Protocols",
+        "got b'echo:ping'",
+        "got b'echo:pong!'",
+        "blocked HTTP/1.1 403",
+        "h2c HTTP/1.1 200",
+    ] {
+        assert!(printed.contains(line), "{line}: {}", text(&out));
+    }
+    let requests = api.requests();
+    assert_eq!(requests.len(), 2, "{requests:#?}");
+    let ws = &requests[0];
+    assert_eq!(ws.header("upgrade"), Some("websocket"));
+    assert_eq!(
+        ws.header("sec-websocket-key"),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
+    let claims = jwt_claims(ws.header("authorization").unwrap(), JWT_KEY);
+    assert_eq!(claims["sub"], "acme");
+    // The h2c request went on as a plain request, without its upgrade.
+    assert_eq!(requests[1].header("upgrade"), None);
+    let entry = d.wait_for_log("acme", |e| e["status"] == 101);
+    assert_eq!(entry["decision"], "allow");
+    assert_eq!(entry["host"], "api.test");
+    assert_eq!(entry["bytes_sent"], 9);
+    assert_eq!(entry["bytes_received"], 19);
+
+    // A WebSocket still open when the daemon is told to stop is cut a moment
+    // later, and logged with what crossed it.
+    let script = format!(
+        "import socket,sys,time\ns=socket.create_connection(('127.0.0.2',{port}),timeout=30)\n\
+         s.sendall(b'{allowed}')\nprint(s.recv(1000).split(b'\\r\\n')[0])\ns.sendall(b'held')\n\
+         print(s.recv(100))\nsys.stdout.flush()\ntime.sleep(30)\n",
+        port = api.port(),
+        allowed = handshake("api.test", "websocket"),
+    );
+    let mut held = d
+        .exec_command("acme", &[], &["python3", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    for _ in 0..2 {
+        line.clear();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    }
+    assert!(line.contains("echo:held"), "{line}");
+    let stopping = std::time::Instant::now();
+    let mut d = d;
+    assert!(d.stop_with(libc::SIGTERM).success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let _ = held.kill();
+    let _ = held.wait();
+    let cut = d.logs("acme");
+    assert!(
+        cut.iter()
+            .any(|e| e["status"] == 101 && e["bytes_sent"] == 4 && e["bytes_received"] == 9),
+        "{cut:#?}"
+    );
+}
+
 /// A response that ends its connection (HTTP/1.1 `Connection: close`, or HTTP/1.0
 /// without keep-alive) goes out corked with the FIN: it must still arrive whole,
 /// say `Connection: close`, and end at once; a kept-alive HTTP/1.0 connection

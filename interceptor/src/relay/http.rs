@@ -20,6 +20,7 @@ use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST};
 use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use socket2::SockRef;
@@ -29,10 +30,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::Metered;
 use super::sniff::Prefixed;
+use super::stream::ReadCounter;
 use super::upstream::{self, Refusal};
-use super::{Connection, RelayContext};
+use super::{copy_until_stopped, Connection, RelayContext};
 use crate::context::{RequestContext, CONTEXT_HEADER};
-use crate::headers::{is_last_request, strip_hop_by_hop, CLOSE};
+use crate::headers::{
+    is_last_request, is_websocket_upgrade, restore_websocket_upgrade, strip_hop_by_hop, CLOSE,
+};
 use crate::logs::{LogEntry, Proto, Verdict};
 use crate::policy::{Action, Decision};
 use crate::resolve::normalize_host;
@@ -71,7 +75,8 @@ pub async fn serve(
     });
     let http = http1::Builder::new()
         .preserve_header_case(true)
-        .serve_connection(TokioIo::new(socket), service);
+        .serve_connection(TokioIo::new(socket), service)
+        .with_upgrades();
     tokio::pin!(http);
     let result = tokio::select! {
         result = &mut http => result,
@@ -237,7 +242,7 @@ impl RequestTarget {
 }
 
 async fn handle_request(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: &Connection,
     ctx: &RelayContext,
 ) -> Response<RelayBody> {
@@ -353,8 +358,15 @@ async fn handle_request(
         }
     };
 
+    // Taken before the request is passed on: the client's side of a WebSocket,
+    // once the upstream agrees to switch.
+    let client_upgrade =
+        is_websocket_upgrade(req.version(), req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if client_upgrade.is_some() {
+        restore_websocket_upgrade(&mut parts.headers);
+    }
     parts.headers.remove(CONTEXT_HEADER);
     parts.headers.insert(
         HOST,
@@ -384,7 +396,33 @@ async fn handle_request(
     let mut entry = new_entry(&decision, Verdict::Allow);
     entry.upstream = Some(upstream.to_string());
     let server_name = target.tls.then_some(target.host.as_str());
-    match ctx.upstream.send(upstream, server_name, upstream_req).await {
+    let response = match &client_upgrade {
+        None => ctx.upstream.send(upstream, server_name, upstream_req).await,
+        Some(_) => {
+            ctx.upstream
+                .send_upgrade(upstream, server_name, upstream_req)
+                .await
+        }
+    };
+    match response {
+        Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            match client_upgrade {
+                Some(client) => {
+                    switch_to_websocket(ctx, conn, entry, response, client, sent, started)
+                }
+                None => {
+                    // Nothing was asked for: no protocol the relay could follow.
+                    entry.decision = Verdict::Error;
+                    entry.rule = "upstream".to_string();
+                    entry.status = Some(502);
+                    finish(ctx, conn, entry, started);
+                    json(
+                        StatusCode::BAD_GATEWAY,
+                        serde_json::json!({ "error": "upstream switched protocols unasked", "host": target.host }),
+                    )
+                }
+            }
+        }
         Ok(response) => {
             let (mut parts, mut body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -431,6 +469,56 @@ async fn handle_request(
             )
         }
     }
+}
+
+/// The upstream agreed to a WebSocket: the client gets the `101`; once both sides
+/// have switched, bytes are copied both ways until either closes, and the request
+/// is logged then with what crossed the tunnel (like TLS and TCP streams).
+fn switch_to_websocket(
+    ctx: &RelayContext,
+    conn: &Connection,
+    mut entry: LogEntry,
+    mut response: Response<Incoming>,
+    client: OnUpgrade,
+    sent: Arc<AtomicU64>,
+    started: Instant,
+) -> Response<RelayBody> {
+    let upstream = hyper::upgrade::on(&mut response);
+    let (mut parts, _) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    restore_websocket_upgrade(&mut parts.headers);
+    entry.status = Some(StatusCode::SWITCHING_PROTOCOLS.as_u16());
+    let (recorder, log, shutdown) = (
+        ctx.recorder.clone(),
+        conn.log_enabled(),
+        ctx.shutdown.clone(),
+    );
+    ctx.tunnels.spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((client, upstream)) => {
+                let mut client = ReadCounter::new(TokioIo::new(client));
+                let mut upstream = ReadCounter::new(TokioIo::new(upstream));
+                if let Err(e) = copy_until_stopped(&mut client, &mut upstream, &shutdown).await {
+                    tracing::debug!("websocket ended: {e}");
+                }
+                let request_body = sent.load(Ordering::Relaxed);
+                entry.finished(request_body + client.count, upstream.count, started);
+            }
+            Err(e) => {
+                tracing::debug!("websocket upgrade failed: {e}");
+                entry.decision = Verdict::Error;
+                entry.rule = "upgrade".to_string();
+                entry.finished(sent.load(Ordering::Relaxed), 0, started);
+            }
+        }
+        recorder.record(&entry, log);
+    });
+    Response::from_parts(
+        parts,
+        Full::new(Bytes::new())
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync(),
+    )
 }
 
 /// Bodies up to this size are taken whole when they arrived with the head.

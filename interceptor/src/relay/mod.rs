@@ -12,8 +12,9 @@ mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -47,6 +48,10 @@ pub struct RelayContext {
     pub dns: Arc<DnsContext>,
     upstream: UpstreamPool,
     subrequests: Arc<subrequests::SubrequestCounter>,
+    /// Where a relay thread runs what outlives its HTTP connection (WebSocket
+    /// tunnels), so that shutdown waits for it as for the connections.
+    tunnels: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl RelayContext {
@@ -68,12 +73,15 @@ impl RelayContext {
             dns,
             upstream,
             subrequests: Default::default(),
+            tunnels: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
         })
     }
 
     /// The context for another relay thread: the same state, its own pools (so a
-    /// thread's requests never wait on another thread's connections).
-    fn for_thread(&self) -> Arc<Self> {
+    /// thread's requests never wait on another thread's connections); its tunnels
+    /// run on `tracker` and end with `shutdown`.
+    fn for_thread(&self, tracker: &TaskTracker, shutdown: &CancellationToken) -> Arc<Self> {
         Arc::new(RelayContext {
             destinations: self.destinations.clone(),
             sandboxes: self.sandboxes.clone(),
@@ -84,6 +92,8 @@ impl RelayContext {
             dns: self.dns.clone(),
             upstream: self.upstream.fresh_pool(),
             subrequests: self.subrequests.clone(),
+            tunnels: tracker.clone(),
+            shutdown: shutdown.clone(),
         })
     }
 }
@@ -110,7 +120,7 @@ pub fn start_threads(
                 .map(TcpListener::from_std)
                 .collect::<std::io::Result<Vec<_>>>()?
         };
-        let ctx = ctx.for_thread();
+        let ctx = ctx.for_thread(tracker, shutdown);
         let (shutdown, tracker) = (shutdown.clone(), tracker.clone());
         let thread = std::thread::Builder::new()
             .name(format!("relay-{n}"))
@@ -143,6 +153,31 @@ async fn run_thread(
     shutdown.cancelled().await;
     tracker.wait().await;
     ctx.recorder.write_pending();
+}
+
+/// How long streams relayed as bytes (TLS, other TCP, WebSocket) may go on after
+/// the daemon is told to stop: they have no request boundary to stop at, so they
+/// are cut then, and logged with what crossed them.
+const STREAM_GRACE: Duration = Duration::from_secs(1);
+
+/// Copies bytes both ways between `a` and `b` until either closes, or the
+/// daemon has been stopping for [`STREAM_GRACE`].
+async fn copy_until_stopped<A, B>(
+    a: &mut A,
+    b: &mut B,
+    shutdown: &CancellationToken,
+) -> std::io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(a, b) => copied.map(drop),
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(STREAM_GRACE).await;
+        } => Err(std::io::Error::other("cut: the daemon is stopping")),
+    }
 }
 
 /// One redirected connection, once identified.

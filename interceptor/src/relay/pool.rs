@@ -97,7 +97,10 @@ impl UpstreamPool {
         let key = (addr, server_name.map(str::to_string));
         let (mut sender, pooled) = match self.take_idle(&key) {
             Some(sender) => (sender, true),
-            None => (Box::pin(self.connect(addr, server_name)).await?, false),
+            None => (
+                Box::pin(self.connect(addr, server_name, false)).await?,
+                false,
+            ),
         };
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
@@ -105,7 +108,7 @@ impl UpstreamPool {
                 // The upstream closed an idle connection just as it was reused:
                 // the request never left, so it goes again on a new connection.
                 Some(request) if pooled => {
-                    sender = Box::pin(self.connect(addr, server_name)).await?;
+                    sender = Box::pin(self.connect(addr, server_name, false)).await?;
                     sender
                         .send_request(request)
                         .await
@@ -118,6 +121,21 @@ impl UpstreamPool {
         // through readiness, so park it and let `take_idle` check.
         self.park(key, sender);
         Ok(response)
+    }
+
+    /// Sends `request`, which asks to switch protocols, on a new connection of its
+    /// own: never pooled, as it may become the request's tunnel.
+    pub async fn send_upgrade(
+        &self,
+        addr: SocketAddr,
+        server_name: Option<&str>,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, String> {
+        let mut sender = Box::pin(self.connect(addr, server_name, true)).await?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("upstream: {e}"))
     }
 
     fn take_idle(&self, key: &(SocketAddr, Option<String>)) -> Option<SendRequest<Body>> {
@@ -153,6 +171,7 @@ impl UpstreamPool {
         &self,
         addr: SocketAddr,
         server_name: Option<&str>,
+        upgrades: bool,
     ) -> Result<SendRequest<Body>, String> {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
@@ -160,7 +179,7 @@ impl UpstreamPool {
             .map_err(|e| format!("upstream: {e}"))?;
         let _ = tcp.set_nodelay(true);
         let Some(server_name) = server_name else {
-            return handshake(tcp).await;
+            return handshake(tcp, upgrades).await;
         };
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|_| format!("{server_name:?} is not a valid TLS server name"))?;
@@ -169,11 +188,12 @@ impl UpstreamPool {
             .connect(name, tcp)
             .await
             .map_err(|e| format!("upstream TLS: {e}"))?;
-        handshake(tls).await
+        handshake(tls, upgrades).await
     }
 }
 
-async fn handshake<S>(io: S) -> Result<SendRequest<Body>, String>
+/// `upgrades`: the connection may be handed over after a `101` response.
+async fn handshake<S>(io: S, upgrades: bool) -> Result<SendRequest<Body>, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -181,7 +201,12 @@ where
         .await
         .map_err(|e| format!("upstream: {e}"))?;
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
+        let ended = if upgrades {
+            connection.with_upgrades().await
+        } else {
+            connection.await
+        };
+        if let Err(e) = ended {
             tracing::debug!("upstream connection: {e}");
         }
     });

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use super::http::elapsed_ms;
 use super::sniff::Prefixed;
 use super::upstream::{self, Refusal};
-use super::{Connection, RelayContext};
+use super::{copy_until_stopped, Connection, RelayContext};
 use crate::logs::{LogEntry, Proto, Verdict};
 use crate::policy::{Action, Decision};
 
@@ -142,7 +142,7 @@ async fn pipe<S: AsyncRead + AsyncWrite + Unpin>(
     // reports what crossed it.
     let mut client = ReadCounter::new(client);
     let mut server = ReadCounter::new(server);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+    if let Err(e) = copy_until_stopped(&mut client, &mut server, &ctx.shutdown).await {
         tracing::debug!(%target, "relay stream ended: {e}");
     }
     entry.finished(client.count, server.count, started);
@@ -158,13 +158,13 @@ fn fail(ctx: &RelayContext, conn: &Connection, mut entry: LogEntry, started: Ins
 }
 
 /// Counts the bytes read from a stream.
-struct ReadCounter<S> {
+pub(super) struct ReadCounter<S> {
     inner: S,
-    count: u64,
+    pub count: u64,
 }
 
 impl<S> ReadCounter<S> {
-    fn new(inner: S) -> Self {
+    pub fn new(inner: S) -> Self {
         ReadCounter { inner, count: 0 }
     }
 }
