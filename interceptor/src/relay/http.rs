@@ -396,15 +396,12 @@ async fn handle_request(
     let mut entry = new_entry(&decision, Verdict::Allow);
     entry.upstream = Some(upstream.to_string());
     let server_name = target.tls.then_some(target.host.as_str());
-    let response = match &client_upgrade {
-        None => ctx.upstream.send(upstream, server_name, upstream_req).await,
-        Some(_) => {
-            ctx.upstream
-                .send_upgrade(upstream, server_name, upstream_req)
-                .await
-        }
-    };
-    match response {
+    let upgrade = client_upgrade.is_some();
+    match ctx
+        .upstream
+        .send(upstream, server_name, upstream_req, upgrade)
+        .await
+    {
         Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
             match client_upgrade {
                 Some(client) => {

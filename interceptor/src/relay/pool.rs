@@ -87,18 +87,22 @@ impl UpstreamPool {
     }
 
     /// Sends `request` (origin-form) to `addr`: over TLS verified for
-    /// `server_name` when there is one, else plain HTTP/1.1.
+    /// `server_name` when there is one, else plain HTTP/1.1. A request that asks
+    /// to switch protocols (`upgrade`) goes on a new connection of its own, never
+    /// pooled: it may become the request's tunnel.
     pub async fn send(
         &self,
         addr: SocketAddr,
         server_name: Option<&str>,
         request: Request<Body>,
+        upgrade: bool,
     ) -> Result<Response<Incoming>, String> {
         let key = (addr, server_name.map(str::to_string));
-        let (mut sender, pooled) = match self.take_idle(&key) {
+        let idle = if upgrade { None } else { self.take_idle(&key) };
+        let (mut sender, pooled) = match idle {
             Some(sender) => (sender, true),
             None => (
-                Box::pin(self.connect(addr, server_name, false)).await?,
+                Box::pin(self.connect(addr, server_name, upgrade)).await?,
                 false,
             ),
         };
@@ -119,23 +123,10 @@ impl UpstreamPool {
         };
         // The connection is reusable once the response body is done; hyper tells us
         // through readiness, so park it and let `take_idle` check.
-        self.park(key, sender);
+        if !upgrade {
+            self.park(key, sender);
+        }
         Ok(response)
-    }
-
-    /// Sends `request`, which asks to switch protocols, on a new connection of its
-    /// own: never pooled, as it may become the request's tunnel.
-    pub async fn send_upgrade(
-        &self,
-        addr: SocketAddr,
-        server_name: Option<&str>,
-        request: Request<Body>,
-    ) -> Result<Response<Incoming>, String> {
-        let mut sender = Box::pin(self.connect(addr, server_name, true)).await?;
-        sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("upstream: {e}"))
     }
 
     fn take_idle(&self, key: &(SocketAddr, Option<String>)) -> Option<SendRequest<Body>> {
