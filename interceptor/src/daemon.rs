@@ -238,7 +238,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         context_key.clone(),
         upstream_pool,
     );
-    // One relay thread per CPU: each accepts on its own listeners and owns its
+    // Relay threads (see `relay_thread_count`): each accepts on its own listeners and owns its
     // connections and upstream pools.
     let [v4, v6] = relay_listeners;
     let per_thread = v4.into_iter().zip(v6).map(|(a, b)| vec![a, b]).collect();
