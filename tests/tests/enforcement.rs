@@ -321,7 +321,8 @@ fn ipv6_and_kept_alive_connections_with_two_hosts() {
 
 /// A WebSocket handshake is judged and injected like any request; once the upstream
 /// switches, bytes cross both ways and the request is logged when the tunnel ends.
-/// Other upgrades (h2c) are not passed on: the relay could not judge what follows.
+/// Other upgrades (h2c) and CONNECT tunnels are not passed on: the relay could not
+/// judge what follows.
 #[test]
 fn a_websocket_is_judged_injected_then_relayed_both_ways() {
     if !privileged("a_websocket_is_judged_injected_then_relayed_both_ways") {
@@ -343,7 +344,9 @@ fn a_websocket_is_judged_injected_then_relayed_both_ways() {
          s,status=open_ws(b'{allowed}')\nprint('allowed', status)\n\
          s.sendall(b'ping')\nprint('got', s.recv(100))\ns.sendall(b'pong!')\nprint('got', s.recv(100))\ns.close()\n\
          s,status=open_ws(b'{blocked}')\nprint('blocked', status)\n\
-         s,status=open_ws(b'{h2c}')\nprint('h2c', status)\n",
+         s,status=open_ws(b'{h2c}')\nprint('h2c', status)\n\
+         s,status=open_ws(b'CONNECT api.test:{port} HTTP/1.1\\r\\nHost: api.test:{port}\\r\\n\\r\\n')\n\
+         print('connect', status)\n",
         port = api.port(),
         allowed = handshake("api.test", "websocket"),
         blocked = handshake("blocked.test", "websocket"),
@@ -357,6 +360,7 @@ fn a_websocket_is_judged_injected_then_relayed_both_ways() {
         "got b'echo:pong!'",
         "blocked HTTP/1.1 403",
         "h2c HTTP/1.1 200",
+        "connect HTTP/1.1 405",
     ] {
         assert!(printed.contains(line), "{line}: {}", text(&out));
     }
@@ -372,6 +376,9 @@ fn a_websocket_is_judged_injected_then_relayed_both_ways() {
     assert_eq!(claims["sub"], "acme");
     // The h2c request went on as a plain request, without its upgrade.
     assert_eq!(requests[1].header("upgrade"), None);
+    d.wait_for_log("acme", |e| {
+        e["rule"] == "connect" && e["decision"] == "block"
+    });
     let entry = d.wait_for_log("acme", |e| e["status"] == 101);
     assert_eq!(entry["decision"], "allow");
     assert_eq!(entry["host"], "api.test");

@@ -21,7 +21,7 @@ use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -262,6 +262,24 @@ async fn handle_request(
             return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": why }));
         }
     };
+    if req.method() == Method::CONNECT {
+        // Connections are intercepted without a proxy setting; a tunnel would
+        // carry requests the relay could no longer judge one by one.
+        let refused = Decision::block("connect");
+        let mut entry = conn.entry(Proto::Http, &refused, Verdict::Block);
+        entry.method = Some(method);
+        entry.host = Some(target.host.clone());
+        entry.status = Some(405);
+        finish(ctx, conn, entry, started);
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({
+                "error": "CONNECT is not supported: connections are intercepted as they are, no proxy setting is needed",
+                "host": target.host,
+                "rule": "connect",
+            }),
+        );
+    }
     let policy = &conn.sandbox.tenant.policy;
     let context = request_context(&req, conn, ctx);
     // A dispatched Worker's request brings its own parameters.
