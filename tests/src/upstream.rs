@@ -39,7 +39,7 @@ pub struct Upstream {
 impl Upstream {
     /// An HTTP server on `addr` (e.g. `127.0.0.2:0`), answering
     /// `200 hello from <addr> <path>` to everything (`?size=N`: N bytes of `x`),
-    /// and switching to an echo for `Upgrade: websocket`.
+    /// and switching to an echo for `Upgrade: websocket` (`?switch`: a bare `101`).
     pub fn start(addr: &str) -> Upstream {
         Self::start_inner(addr, None)
     }
@@ -102,6 +102,13 @@ impl Upstream {
                                         v.as_bytes().eq_ignore_ascii_case(b"websocket")
                                     });
                                 let upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+                                // `?switch`: a `101` nobody asked for.
+                                if req.uri().query() == Some("switch") {
+                                    let mut switching = Response::new(Full::new(Bytes::new()));
+                                    *switching.status_mut() =
+                                        hyper::StatusCode::SWITCHING_PROTOCOLS;
+                                    return Ok(switching);
+                                }
                                 let (parts, body) = req.into_parts();
                                 let body = body
                                     .collect()

@@ -346,7 +346,8 @@ fn a_websocket_is_judged_injected_then_relayed_both_ways() {
          s,status=open_ws(b'{blocked}')\nprint('blocked', status)\n\
          s,status=open_ws(b'{h2c}')\nprint('h2c', status)\n\
          s,status=open_ws(b'CONNECT api.test:{port} HTTP/1.1\\r\\nHost: api.test:{port}\\r\\n\\r\\n')\n\
-         print('connect', status)\n",
+         print('connect', status)\n\
+         s,status=open_ws(b'GET /?switch HTTP/1.1\\r\\nHost: api.test\\r\\n\\r\\n')\nprint('unasked', status)\n",
         port = api.port(),
         allowed = handshake("api.test", "websocket"),
         blocked = handshake("blocked.test", "websocket"),
@@ -361,9 +362,11 @@ fn a_websocket_is_judged_injected_then_relayed_both_ways() {
         "blocked HTTP/1.1 403",
         "h2c HTTP/1.1 200",
         "connect HTTP/1.1 405",
+        "unasked HTTP/1.1 502",
     ] {
         assert!(printed.contains(line), "{line}: {}", text(&out));
     }
+    // `?switch` answers before it is recorded.
     let requests = api.requests();
     assert_eq!(requests.len(), 2, "{requests:#?}");
     let ws = &requests[0];
