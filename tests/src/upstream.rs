@@ -39,7 +39,8 @@ pub struct Upstream {
 impl Upstream {
     /// An HTTP server on `addr` (e.g. `127.0.0.2:0`), answering
     /// `200 hello from <addr> <path>` to everything (`?size=N`: N bytes of `x`),
-    /// and switching to an echo for `Upgrade: websocket` (`?switch`: a bare `101`).
+    /// and switching to an echo for `Upgrade: websocket` that closes after echoing
+    /// `bye` (`?switch`: a bare `101`).
     pub fn start(addr: &str) -> Upstream {
         Self::start_inner(addr, None)
     }
@@ -140,6 +141,10 @@ impl Upstream {
                                                     let mut echo = b"echo:".to_vec();
                                                     echo.extend_from_slice(&buf[..n]);
                                                     if io.write_all(&echo).await.is_err() {
+                                                        return;
+                                                    }
+                                                    // `bye`: the upstream closes first.
+                                                    if &buf[..n] == b"bye" {
                                                         return;
                                                     }
                                                 }

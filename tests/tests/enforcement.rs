@@ -329,9 +329,9 @@ fn a_websocket_is_judged_injected_then_relayed_both_ways() {
     }
     let api = Upstream::start("127.0.0.2:0");
     let d = daemon();
-    let handshake = |host: &str, upgrade: &str| {
+    let handshake = |host: &str, connection: &str, upgrade: &str| {
         format!(
-            "GET /ws HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: Upgrade\\r\\nUpgrade: {upgrade}\\r\\n\
+            "GET /ws HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: {connection}\\r\\nUpgrade: {upgrade}\\r\\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\nSec-WebSocket-Version: 13\\r\\n\\r\\n"
         )
     };
@@ -339,25 +339,32 @@ fn a_websocket_is_judged_injected_then_relayed_both_ways() {
         "import socket\n\
          def open_ws(head):\n  s=socket.create_connection(('127.0.0.2',{port}),timeout=5)\n  s.sendall(head)\n  \
          r=b''\n  while b'\\r\\n\\r\\n' not in r:\n    c=s.recv(1000)\n    if not c: break\n    r+=c\n  \
-         return s, r.split(b'\\r\\n')[0].decode()\n\
-         s,status=open_ws(b'{allowed}')\nprint('allowed', status)\n\
-         s.sendall(b'ping')\nprint('got', s.recv(100))\ns.sendall(b'pong!')\nprint('got', s.recv(100))\ns.close()\n\
-         s,status=open_ws(b'{blocked}')\nprint('blocked', status)\n\
-         s,status=open_ws(b'{h2c}')\nprint('h2c', status)\n\
-         s,status=open_ws(b'CONNECT api.test:{port} HTTP/1.1\\r\\nHost: api.test:{port}\\r\\n\\r\\n')\n\
+         return s, r.split(b'\\r\\n')[0].decode(), r.lower()\n\
+         s,status,head=open_ws(b'{allowed}')\nprint('allowed', status)\n\
+         print('switched', b'connection: upgrade' in head)\n\
+         s.sendall(b'ping')\nprint('got', s.recv(100))\ns.sendall(b'pong!')\nprint('got', s.recv(100))\n\
+         s.sendall(b'bye')\nprint('got', s.recv(100))\nprint('eof', s.recv(100))\ns.close()\n\
+         s,status,_=open_ws(b'{blocked}')\nprint('blocked', status)\n\
+         s,status,_=open_ws(b'{h2c}')\nprint('h2c', status)\n\
+         s,status,_=open_ws(b'CONNECT api.test:{port} HTTP/1.1\\r\\nHost: api.test:{port}\\r\\n\\r\\n')\n\
          print('connect', status)\n\
-         s,status=open_ws(b'GET /?switch HTTP/1.1\\r\\nHost: api.test\\r\\n\\r\\n')\nprint('unasked', status)\n",
+         s,status,_=open_ws(b'GET /?switch HTTP/1.1\\r\\nHost: api.test\\r\\n\\r\\n')\nprint('unasked', status)\n",
         port = api.port(),
-        allowed = handshake("api.test", "websocket"),
-        blocked = handshake("blocked.test", "websocket"),
-        h2c = handshake("api.test", "h2c"),
+        // `close` beside `upgrade`: still a WebSocket, never a last response.
+        allowed = handshake("api.test", "Upgrade, close", "websocket"),
+        blocked = handshake("blocked.test", "Upgrade", "websocket"),
+        h2c = handshake("api.test", "Upgrade", "h2c"),
     );
     let out = d.python("acme", &script);
     let printed = stdout(&out);
     for line in [
         "allowed HTTP/1.1 101 Switching Protocols",
+        "switched True",
         "got b'echo:ping'",
         "got b'echo:pong!'",
+        // The upstream closes first: the client sees the end.
+        "got b'echo:bye'",
+        "eof b''",
         "blocked HTTP/1.1 403",
         "h2c HTTP/1.1 200",
         "connect HTTP/1.1 405",
@@ -384,8 +391,8 @@ fn a_websocket_is_judged_injected_then_relayed_both_ways() {
     let entry = d.wait_for_log("acme", |e| e["status"] == 101);
     assert_eq!(entry["decision"], "allow");
     assert_eq!(entry["host"], "api.test");
-    assert_eq!(entry["bytes_sent"], 9);
-    assert_eq!(entry["bytes_received"], 19);
+    assert_eq!(entry["bytes_sent"], 12);
+    assert_eq!(entry["bytes_received"], 27);
 
     // A WebSocket still open when the daemon is told to stop is cut a moment
     // later, and logged with what crossed it.
@@ -394,7 +401,7 @@ fn a_websocket_is_judged_injected_then_relayed_both_ways() {
          s.sendall(b'{allowed}')\nprint(s.recv(1000).split(b'\\r\\n')[0])\ns.sendall(b'held')\n\
          print(s.recv(100))\nsys.stdout.flush()\ntime.sleep(30)\n",
         port = api.port(),
-        allowed = handshake("api.test", "websocket"),
+        allowed = handshake("api.test", "Upgrade", "websocket"),
     );
     let mut held = d
         .exec_command("acme", &[], &["python3", "-c", &script])

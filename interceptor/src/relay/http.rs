@@ -51,14 +51,19 @@ pub async fn serve(
 ) {
     let conn = Arc::new(conn);
     let socket = ClientSocket::new(stream);
-    let cork = socket.cork.clone();
+    let mode = socket.mode.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        let (conn, ctx, cork) = (conn.clone(), ctx.clone(), cork.clone());
+        let (conn, ctx, mode) = (conn.clone(), ctx.clone(), mode.clone());
         async move {
             // Only without a request body: closing a socket with unread input
             // resets the connection, and drops what is still corked with it.
             let last = is_last_request(req.version(), req.headers()) && req.body().is_end_stream();
             let mut response = handle_request(req, &conn, &ctx).await;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // A tunnel now: its end must reach the client as a FIN.
+                mode.upgraded.store(true, Ordering::Relaxed);
+                return Ok(response);
+            }
             let small = response
                 .body()
                 .size_hint()
@@ -68,7 +73,7 @@ pub async fn serve(
                 // The response and the FIN leave in one segment: one trip through
                 // the client's receive path instead of two.
                 response.headers_mut().insert(CONNECTION, CLOSE);
-                cork.store(true, Ordering::Relaxed);
+                mode.cork.store(true, Ordering::Relaxed);
             }
             Ok::<_, Infallible>(response)
         }
@@ -94,7 +99,9 @@ pub async fn serve(
 ///
 /// hyper shuts the write side down before it lets go of a connection, and the
 /// socket is closed right after, which sends the FIN anyway: skipping the
-/// shutdown saves a syscall per connection.
+/// shutdown saves a syscall per connection. Not so once it is a tunnel
+/// (`upgraded`), whose end may come from the upstream while the client still has
+/// the socket open.
 ///
 /// A connection's last response is written corked (`cork`): it stays in the
 /// socket until the close, which sends it with the FIN. Nothing waits on that:
@@ -102,19 +109,26 @@ pub async fn serve(
 /// `Connection: close`), and the kernel uncorks after 200 ms in any case.
 struct ClientSocket {
     io: Prefixed<TcpStream>,
-    cork: Arc<AtomicBool>,
+    mode: Arc<SocketMode>,
+}
+
+/// Set by the service for the response it returns.
+#[derive(Default)]
+struct SocketMode {
+    cork: AtomicBool,
+    upgraded: AtomicBool,
 }
 
 impl ClientSocket {
     fn new(io: Prefixed<TcpStream>) -> Self {
         ClientSocket {
             io,
-            cork: Arc::new(AtomicBool::new(false)),
+            mode: Arc::default(),
         }
     }
 
     fn cork_if_last(&self) {
-        if self.cork.swap(false, Ordering::Relaxed) {
+        if self.mode.cork.swap(false, Ordering::Relaxed) {
             if let Err(e) = SockRef::from(self.io.get_ref()).set_tcp_cork(true) {
                 tracing::debug!("corking the last response: {e}");
             }
@@ -147,6 +161,9 @@ impl AsyncWrite for ClientSocket {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.mode.upgraded.load(Ordering::Relaxed) {
+            return Pin::new(&mut self.io).poll_shutdown(cx);
+        }
         // Buffered bytes still go out; only the shutdown(2) itself is skipped.
         Pin::new(&mut self.io).poll_flush(cx)
     }
