@@ -237,12 +237,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         local.clone(),
         context_key.clone(),
         upstream_pool,
+        &shutdown,
+        &tracker,
     );
     // Relay threads (see `relay_thread_count`): each accepts on its own listeners and owns its
     // connections and upstream pools.
     let [v4, v6] = relay_listeners;
     let per_thread = v4.into_iter().zip(v6).map(|(a, b)| vec![a, b]).collect();
-    let relay_threads = relay::start_threads(per_thread, &relay_ctx, &shutdown, &tracker)?;
+    let relay_threads = relay::start_threads(per_thread, &relay_ctx)?;
     for socket in dns_sockets {
         tokio::spawn(dns::serve(
             socket,

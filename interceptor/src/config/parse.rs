@@ -460,10 +460,7 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             Some(t) => interceptor(&mut ctx, &t),
             None => InterceptorConfig::default(),
         },
-        None => {
-            default_sandbox_user(&mut ctx, None);
-            InterceptorConfig::default()
-        }
+        None => InterceptorConfig::default(),
     };
     let resolve = match root.get("resolve") {
         Some(f) => match ctx.table(&f, "[resolve]".into()) {
@@ -511,6 +508,14 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         Some(f) => namespaces(&mut ctx, &f, &outbound_names, &interceptor, &tenants),
         None => Vec::new(),
     };
+    let section = root.get("interceptor");
+    let user_given = section
+        .as_ref()
+        .and_then(|f| f.item.as_table_like())
+        .is_some_and(|t| t.contains_key("sandbox_user"));
+    if !user_given && (!tenants.is_empty() || !dispatch_namespaces.is_empty()) {
+        default_sandbox_user(&mut ctx, section.and_then(|f| f.span()));
+    }
 
     if !ctx.diags.is_empty() {
         let mut diags = ctx.diags;
@@ -609,8 +614,6 @@ fn interceptor(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> InterceptorConfig {
                 ),
             }
         }
-    } else {
-        default_sandbox_user(ctx, t.span.clone());
     }
     if let Some(f) = t.get("upstream_ca") {
         let list = match f.item.as_str() {
@@ -1277,8 +1280,9 @@ fn claim_value(ctx: &mut Ctx<'_>, v: &Value) -> Option<serde_json::Value> {
     })
 }
 
-/// Without `sandbox_user`, the default account must exist all the same: `exec`
-/// and every Worker would fail on it later. `span` is the `[interceptor]` table's.
+/// Without `sandbox_user`, the default account must exist all the same when
+/// anything runs sandboxed: `exec` and every Worker would fail on it later.
+/// `span` is the `[interceptor]` table's.
 fn default_sandbox_user(ctx: &mut Ctx<'_>, span: Span) {
     if let Err(why) = sandbox_user(DEFAULT_SANDBOX_USER) {
         ctx.error(

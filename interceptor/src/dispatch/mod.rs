@@ -733,7 +733,7 @@ impl Namespace {
                 // Requests lease under this lock: none can start on the process
                 // between the check and the retirement. A slot being loaded or
                 // started is not idle.
-                let Ok(_state) = slot.update.try_lock() else {
+                let Ok(mut state) = slot.update.try_lock() else {
                     continue;
                 };
                 // A dead one is left to the next request, which counts it
@@ -744,6 +744,11 @@ impl Namespace {
                 if current.idle_for().is_some_and(|idle| idle >= idle_timeout) {
                     slot.take_current();
                     current.retire();
+                    // It ran stably: earlier crashes no longer count.
+                    if current.started.elapsed() >= STABLE_AFTER {
+                        state.failures = 0;
+                        state.not_before = None;
+                    }
                     tracing::info!(
                         namespace = %self.config.namespace,
                         worker = %slot.name,

@@ -26,7 +26,6 @@ use hyper_util::rt::TokioIo;
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::body::Metered;
 use super::sniff::Prefixed;
@@ -43,13 +42,9 @@ use crate::resolve::normalize_host;
 
 type RelayBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
-pub async fn serve(
-    stream: Prefixed<TcpStream>,
-    conn: Connection,
-    ctx: Arc<RelayContext>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<RelayContext>) {
     let conn = Arc::new(conn);
+    let shutdown = ctx.shutdown.clone();
     let socket = ClientSocket::new(stream);
     let mode = socket.mode.clone();
     let service = service_fn(move |req: Request<Incoming>| {
@@ -525,7 +520,7 @@ fn switch_to_websocket(
         conn.log_enabled(),
         ctx.shutdown.clone(),
     );
-    ctx.tunnels.spawn(async move {
+    ctx.tasks.spawn(async move {
         match tokio::try_join!(client, upstream) {
             Ok((client, upstream)) => {
                 let mut client = ReadCounter::new(TokioIo::new(client));

@@ -48,10 +48,11 @@ pub struct RelayContext {
     pub dns: Arc<DnsContext>,
     upstream: UpstreamPool,
     subrequests: Arc<subrequests::SubrequestCounter>,
-    /// Where a relay thread runs what outlives its HTTP connection (WebSocket
-    /// tunnels), so that shutdown waits for it as for the connections.
-    tunnels: TaskTracker,
+    /// Ends accepting, requests on kept-alive connections, and byte streams.
     shutdown: CancellationToken,
+    /// Every connection's task, and what outlives its HTTP connection (WebSocket
+    /// tunnels): the daemon waits for them when it stops.
+    tasks: TaskTracker,
 }
 
 impl RelayContext {
@@ -62,6 +63,8 @@ impl RelayContext {
         local: LocalAddresses,
         context_key: Arc<ContextKey>,
         upstream: UpstreamPool,
+        shutdown: &CancellationToken,
+        tasks: &TaskTracker,
     ) -> Arc<Self> {
         Arc::new(RelayContext {
             destinations: dns.destinations.clone(),
@@ -73,15 +76,14 @@ impl RelayContext {
             dns,
             upstream,
             subrequests: Default::default(),
-            tunnels: TaskTracker::new(),
-            shutdown: CancellationToken::new(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
         })
     }
 
     /// The context for another relay thread: the same state, its own pools (so a
-    /// thread's requests never wait on another thread's connections); its tunnels
-    /// run on `tracker` and end with `shutdown`.
-    fn for_thread(&self, tracker: &TaskTracker, shutdown: &CancellationToken) -> Arc<Self> {
+    /// thread's requests never wait on another thread's connections).
+    fn for_thread(&self) -> Arc<Self> {
         Arc::new(RelayContext {
             destinations: self.destinations.clone(),
             sandboxes: self.sandboxes.clone(),
@@ -92,8 +94,8 @@ impl RelayContext {
             dns: self.dns.clone(),
             upstream: self.upstream.fresh_pool(),
             subrequests: self.subrequests.clone(),
-            tunnels: tracker.clone(),
-            shutdown: shutdown.clone(),
+            shutdown: self.shutdown.clone(),
+            tasks: self.tasks.clone(),
         })
     }
 }
@@ -105,8 +107,6 @@ impl RelayContext {
 pub fn start_threads(
     listeners: Vec<Vec<std::net::TcpListener>>,
     ctx: &RelayContext,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::new();
     for (n, listeners) in listeners.into_iter().enumerate() {
@@ -120,38 +120,32 @@ pub fn start_threads(
                 .map(TcpListener::from_std)
                 .collect::<std::io::Result<Vec<_>>>()?
         };
-        let ctx = ctx.for_thread(tracker, shutdown);
-        let (shutdown, tracker) = (shutdown.clone(), tracker.clone());
+        let ctx = ctx.for_thread();
         let thread = std::thread::Builder::new()
             .name(format!("relay-{n}"))
             .spawn(move || {
                 crate::record::batch_on_this_thread();
-                runtime.block_on(run_thread(listeners, ctx, shutdown, tracker));
+                runtime.block_on(run_thread(listeners, ctx));
             })?;
         threads.push(thread);
     }
     Ok(threads)
 }
 
-/// One relay thread: accepts until `shutdown`, then finishes its connections and
+/// One relay thread: accepts until shutdown, then finishes its connections and
 /// writes the log lines it still holds.
-async fn run_thread(
-    listeners: Vec<TcpListener>,
-    ctx: Arc<RelayContext>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
+async fn run_thread(listeners: Vec<TcpListener>, ctx: Arc<RelayContext>) {
     for listener in listeners {
-        let (ctx, shutdown, tracker) = (ctx.clone(), shutdown.clone(), tracker.clone());
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            accept_until(listener, shutdown.clone(), "relay", |stream, peer| {
-                tracker.spawn(handle(stream, peer, ctx.clone(), shutdown.clone()));
+            accept_until(listener, ctx.shutdown.clone(), "relay", |stream, peer| {
+                ctx.tasks.spawn(handle(stream, peer, ctx.clone()));
             })
             .await
         });
     }
-    shutdown.cancelled().await;
-    tracker.wait().await;
+    ctx.shutdown.cancelled().await;
+    ctx.tasks.wait().await;
     ctx.recorder.write_pending();
 }
 
@@ -209,12 +203,7 @@ impl Connection {
     }
 }
 
-async fn handle(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    ctx: Arc<RelayContext>,
-    shutdown: CancellationToken,
-) {
+async fn handle(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<RelayContext>) {
     let started = Instant::now();
     // Only connections the hooks redirected have a hand-off entry; anything else
     // (a host process dialling the relay port) is not ours to serve.
@@ -253,7 +242,7 @@ async fn handle(
     };
     let stream = sniff::Prefixed::new(prefix, stream);
     match protocol {
-        sniff::Protocol::Http => http::serve(stream, conn, ctx, shutdown).await,
+        sniff::Protocol::Http => http::serve(stream, conn, ctx).await,
         // Boxed: every connection's task is as large as its largest path, and the
         // HTTP one, by far the most common, is the smallest.
         sniff::Protocol::Tls => Box::pin(stream::relay_tls(stream, conn, ctx, started, sni)).await,
