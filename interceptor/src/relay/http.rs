@@ -426,31 +426,27 @@ async fn handle_request(
     let mut entry = new_entry(&decision, Verdict::Allow);
     entry.upstream = Some(upstream.to_string());
     let server_name = target.tls.then_some(target.host.as_str());
-    let upgrade = client_upgrade.is_some();
-    match ctx
+    let sent_on = ctx
         .upstream
-        .send(upstream, server_name, upstream_req, upgrade)
+        .send(
+            upstream,
+            server_name,
+            upstream_req,
+            client_upgrade.is_some(),
+        )
         .await
-    {
-        Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            match client_upgrade {
-                Some(client) => {
-                    switch_to_websocket(ctx, conn, entry, response, client, sent, started)
-                }
-                None => {
-                    // Nothing was asked for: no protocol the relay could follow.
-                    entry.decision = Verdict::Error;
-                    entry.rule = "upstream".to_string();
-                    entry.status = Some(502);
-                    finish(ctx, conn, entry, started);
-                    json(
-                        StatusCode::BAD_GATEWAY,
-                        serde_json::json!({ "error": "upstream switched protocols unasked", "host": target.host }),
-                    )
-                }
+        .and_then(|response| match response.status() {
+            // Nothing was asked for: no protocol the relay could follow.
+            StatusCode::SWITCHING_PROTOCOLS if client_upgrade.is_none() => {
+                Err("upstream switched protocols unasked".to_string())
             }
+            _ => Ok(response),
+        });
+    match (sent_on, client_upgrade) {
+        (Ok(response), Some(client)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            switch_to_websocket(ctx, conn, entry, response, client, sent, started)
         }
-        Ok(response) => {
+        (Ok(response), _) => {
             let (mut parts, mut body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             entry.status = Some(parts.status.as_u16());
@@ -465,12 +461,7 @@ async fn handle_request(
                     if let Some(logged) = ctx.recorder.record_batched(&entry, log) {
                         logged.await;
                     }
-                    return Response::from_parts(
-                        parts,
-                        Full::new(whole)
-                            .map_err(|never: Infallible| match never {})
-                            .boxed_unsync(),
-                    );
+                    return Response::from_parts(parts, full(whole));
                 }
                 Arrived::Started(first) => Replay::new(first, body).boxed_unsync(),
                 Arrived::Nothing => body.boxed_unsync(),
@@ -483,7 +474,7 @@ async fn handle_request(
             let body = Metered::new(body, Arc::new(AtomicU64::new(0)), Some(on_end));
             Response::from_parts(parts, body.boxed_unsync())
         }
-        Err(e) => {
+        (Err(e), _) => {
             entry.decision = Verdict::Error;
             entry.rule = "upstream".to_string();
             entry.status = Some(502);
@@ -540,12 +531,7 @@ fn switch_to_websocket(
         }
         recorder.record(&entry, log);
     });
-    Response::from_parts(
-        parts,
-        Full::new(Bytes::new())
-            .map_err(|never: Infallible| match never {})
-            .boxed_unsync(),
-    )
+    Response::from_parts(parts, full(Bytes::new()))
 }
 
 /// Bodies up to this size are taken whole when they arrived with the head.
@@ -682,12 +668,15 @@ pub(super) fn elapsed_ms(started: Instant) -> u64 {
     started.elapsed().as_millis() as u64
 }
 
+/// A body the relay already holds whole.
+fn full(bytes: Bytes) -> RelayBody {
+    Full::new(bytes)
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
 fn json(status: StatusCode, body: serde_json::Value) -> Response<RelayBody> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(body.to_string()))
-            .map_err(|never: Infallible| match never {})
-            .boxed_unsync(),
-    );
+    let mut response = Response::new(full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response
         .headers_mut()
