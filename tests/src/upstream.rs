@@ -38,7 +38,8 @@ pub struct Upstream {
 
 impl Upstream {
     /// An HTTP server on `addr` (e.g. `127.0.0.2:0`), answering
-    /// `200 hello from <addr> <path>` to everything (`?size=N`: N bytes of `x`),
+    /// `200 hello from <addr> <path>` to everything (`?size=N`: N bytes of `x`;
+    /// `?wait=MS`: the same, MS milliseconds later),
     /// and switching to an echo for `Upgrade: websocket` that closes after echoing
     /// `bye` (`?switch`: a bare `101`).
     pub fn start(addr: &str) -> Upstream {
@@ -109,6 +110,15 @@ impl Upstream {
                                     *switching.status_mut() =
                                         hyper::StatusCode::SWITCHING_PROTOCOLS;
                                     return Ok(switching);
+                                }
+                                // `?wait=MS`: answers that much later.
+                                if let Some(ms) = req
+                                    .uri()
+                                    .query()
+                                    .and_then(|q| q.strip_prefix("wait="))
+                                    .and_then(|n| n.parse::<u64>().ok())
+                                {
+                                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                                 }
                                 let (parts, body) = req.into_parts();
                                 let body = body

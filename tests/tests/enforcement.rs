@@ -318,6 +318,44 @@ fn ipv6_and_kept_alive_connections_with_two_hosts() {
     assert_eq!(api.requests()[2].uri, "/abs");
 }
 
+/// Concurrent requests reuse the relay's upstream connections: however many
+/// client connections come and go, the upstream sees about as many connections
+/// as requests it has in flight at once.
+#[test]
+fn concurrent_requests_reuse_pooled_upstream_connections() {
+    if !privileged("concurrent_requests_reuse_pooled_upstream_connections") {
+        return;
+    }
+    let api = Upstream::start("127.0.0.2:0");
+    let d = daemon();
+    // 64 clients at once, five rounds each, a new client connection per request.
+    let script = format!(
+        r"import http.client,threading
+barrier=threading.Barrier(64)
+ok=[]
+def client():
+    for _ in range(5):
+        barrier.wait()
+        c=http.client.HTTPConnection('127.0.0.2',{port},timeout=10)
+        c.request('GET','/pooled?wait=100',headers={{'Host':'api.test','Connection':'close'}})
+        r=c.getresponse();r.read();c.close()
+        ok.append(r.status==200)
+threads=[threading.Thread(target=client) for _ in range(64)]
+[t.start() for t in threads];[t.join() for t in threads]
+print('ok', sum(ok))
+",
+        port = api.port()
+    );
+    let out = d.python("acme", &script);
+    assert!(stdout(&out).contains("ok 320"), "{}", text(&out));
+    assert_eq!(api.requests().len(), 320);
+    let connections = api.connections();
+    assert!(
+        (64..=96).contains(&connections),
+        "320 requests, 64 at a time, took {connections} upstream connections"
+    );
+}
+
 /// A WebSocket handshake is judged and injected like any request; once the upstream
 /// switches, bytes cross both ways and the request is logged when the tunnel ends.
 /// Other upgrades (h2c) and CONNECT tunnels are not passed on: the relay could not

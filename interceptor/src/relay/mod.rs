@@ -144,6 +144,14 @@ async fn run_thread(listeners: Vec<TcpListener>, ctx: Arc<RelayContext>) {
             .await
         });
     }
+    let pool_ctx = ctx.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(pool::IDLE_TIMEOUT / 3);
+        loop {
+            every.tick().await;
+            pool_ctx.upstream.expire_idle();
+        }
+    });
     ctx.shutdown.cancelled().await;
     ctx.tasks.wait().await;
     ctx.recorder.write_pending();

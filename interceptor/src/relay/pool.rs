@@ -6,12 +6,12 @@
 //! Worker sees and changes them; the relay then speaks TLS to the upstream,
 //! verifying its certificate against the system roots plus `upstream_ca`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -25,12 +25,26 @@ use tokio_rustls::TlsConnector;
 use super::body::Metered;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Idle connections kept per (address, server name).
-const MAX_IDLE: usize = 32;
+/// Connections kept per (address, server name) and relay thread: above what a
+/// busy upstream sees at once, so a burst of concurrent requests is served by
+/// reuse rather than by a connection each.
+const MAX_PARKED: usize = 256;
+/// A connection unused this long is closed: the pool shrinks back after a burst.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 type Body = Metered<Incoming>;
-/// Idle connections by (address, TLS server name or none for plain HTTP).
-type IdlePool = HashMap<(SocketAddr, Option<String>), Vec<SendRequest<Body>>>;
+/// An upstream: its address and TLS server name (none for plain HTTP).
+type PoolKey = (SocketAddr, Option<String>);
+
+/// A connection back in the pool once its response headers arrived; it is
+/// reusable when hyper says it is ready (the response body is done).
+struct Parked {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+/// Parked connections per upstream, oldest first.
+type IdlePool = HashMap<PoolKey, VecDeque<Parked>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginTlsError {
@@ -97,7 +111,7 @@ impl UpstreamPool {
         request: Request<Body>,
         upgrade: bool,
     ) -> Result<Response<Incoming>, String> {
-        let key = (addr, server_name.map(str::to_string));
+        let key: PoolKey = (addr, server_name.map(str::to_string));
         let idle = if upgrade { None } else { self.take_idle(&key) };
         let (mut sender, pooled) = match idle {
             Some(sender) => (sender, true),
@@ -129,29 +143,49 @@ impl UpstreamPool {
         Ok(response)
     }
 
-    fn take_idle(&self, key: &(SocketAddr, Option<String>)) -> Option<SendRequest<Body>> {
+    /// The most recently parked ready connection: the busiest connections stay
+    /// in use and the rest age out. Busy ones (a response body still streaming)
+    /// are left where they are.
+    fn take_idle(&self, key: &PoolKey) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let senders = idle.get_mut(key)?;
-        while let Some(sender) = senders.pop() {
-            if sender.is_ready() {
-                return Some(sender);
-            }
-            if !sender.is_closed() {
-                // Still busy with a previous response body: keep it for later.
-                senders.insert(0, sender);
-                return None;
+        let parked = idle.get_mut(key)?;
+        let mut i = parked.len();
+        while i > 0 {
+            i -= 1;
+            if parked[i].sender.is_closed() {
+                parked.remove(i);
+            } else if parked[i].sender.is_ready() {
+                return parked.remove(i).map(|p| p.sender);
             }
         }
         None
     }
 
-    fn park(&self, key: (SocketAddr, Option<String>), sender: SendRequest<Body>) {
+    fn park(&self, key: PoolKey, sender: SendRequest<Body>) {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let senders = idle.entry(key).or_default();
-        senders.retain(|s| !s.is_closed());
-        if senders.len() < MAX_IDLE {
-            senders.push(sender);
+        let parked = idle.entry(key).or_default();
+        if parked.len() >= MAX_PARKED {
+            parked.retain(|p| !p.sender.is_closed());
+            if parked.len() >= MAX_PARKED {
+                parked.pop_front();
+            }
         }
+        parked.push_back(Parked { sender, since: now });
+        expire(parked, now);
+    }
+
+    /// Closes the connections unused for [`IDLE_TIMEOUT`] and forgets upstreams
+    /// left without any: run now and then, so a pool that has gone quiet lets go
+    /// of its connections too.
+    pub fn expire_idle(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|_, parked| {
+            parked.retain(|p| !p.sender.is_closed());
+            expire(parked, now);
+            !parked.is_empty()
+        });
     }
 
     /// Boxed by its callers: a TLS handshake's state is kilobytes, and keeping it
@@ -180,6 +214,17 @@ impl UpstreamPool {
             .await
             .map_err(|e| format!("upstream TLS: {e}"))?;
         handshake(tls, upgrades).await
+    }
+}
+
+/// Drops the oldest connections parked longer than [`IDLE_TIMEOUT`] (dropping a
+/// sender closes its connection once any response on it is done).
+fn expire(parked: &mut VecDeque<Parked>, now: Instant) {
+    while parked
+        .front()
+        .is_some_and(|p| now.duration_since(p.since) > IDLE_TIMEOUT)
+    {
+        parked.pop_front();
     }
 }
 
