@@ -465,8 +465,10 @@ fn a_websocket_is_judged_injected_then_relayed_both_ways() {
     let _ = held.wait();
     let cut = d.logs("acme");
     assert!(
-        cut.iter()
-            .any(|e| e["status"] == 101 && e["bytes_sent"] == 4 && e["bytes_received"] == 9),
+        cut.iter().any(|e| e["status"] == 101
+            && e["bytes_sent"] == 4
+            && e["bytes_received"] == 9
+            && e["error"] == "cut: the daemon is stopping"),
         "{cut:#?}"
     );
 }
@@ -650,6 +652,7 @@ fn opaque_tcp_is_relayed_and_udp_other_than_dns_never_leaves() {
     let entry = d.wait_for_log("acme", |e| e["proto"] == "tcp" && e["decision"] == "allow");
     assert_eq!(entry["dst"], echo.addr.to_string());
     assert_eq!(entry["bytes_sent"], 6);
+    assert!(entry["error"].is_null(), "{entry}");
 }
 
 /// A DNS query for `name` (type A) sent from the sandbox to 127.0.0.53:53;
@@ -940,6 +943,15 @@ fn https_sent_in_the_clear_is_judged_injected_and_originated_with_verification()
     let out = d.python("acme", &request("127.0.0.2"));
     assert!(stdout(&out).starts_with("HTTP/1.1 502"), "{}", text(&out));
     assert_eq!(tls.requests().len(), 1);
+    let failed = d.wait_for_log("acme", |e| e["decision"] == "error");
+    assert_eq!(failed["rule"], "upstream");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("certificate"),
+        "{failed}"
+    );
 }
 
 #[test]
@@ -987,6 +999,10 @@ fn a_missing_parameter_stops_the_request_instead_of_sending_half_a_credential() 
     assert_eq!(entry["decision"], "error");
     assert!(
         entry["rule"].as_str().unwrap().starts_with("inject:"),
+        "{entry}"
+    );
+    assert!(
+        entry["error"].as_str().unwrap_or("").contains("team"),
         "{entry}"
     );
 

@@ -187,6 +187,10 @@ async fn answer_for(
             None => {
                 entry.decision = Verdict::Error;
                 entry.rule = "resolve".to_string();
+                entry.error = Some(format!(
+                    "no reply from {} resolver(s)",
+                    ctx.forwarders.len()
+                ));
                 respond(&request, ResponseCode::ServFail, Vec::new())
             }
         }

@@ -144,6 +144,11 @@ pub struct LogEntry {
     /// The outbound parameters of the request.
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// Why the request failed (`decision = error`) or its stream ended early
+    /// (a reset, a cut at shutdown); `rule` says which step, this says what
+    /// happened there.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 impl LogEntry {
@@ -173,6 +178,7 @@ impl LogEntry {
             bytes_received: 0,
             duration_ms: 0,
             params: BTreeMap::new(),
+            error: None,
         }
     }
 

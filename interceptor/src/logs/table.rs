@@ -21,6 +21,7 @@ const COLUMNS: &[(&str, usize, bool)] = &[
     ("URL/DST", 40, false),
     ("RULE", 24, false),
     ("DURATION", 8, true),
+    ("ERROR", 80, false),
 ];
 
 /// The table's header line.
@@ -30,7 +31,7 @@ pub fn table_header() -> String {
 }
 
 /// One entry as a table line: TIME (UTC), TENANT, PROTO, DECISION, STATUS, METHOD, HOST,
-/// URL/DST (the URL for HTTP, else the destination asked for), RULE, DURATION.
+/// URL/DST (the URL for HTTP, else the destination asked for), RULE, DURATION, ERROR.
 pub fn table_row(e: &LogEntry) -> String {
     let dash = || "-".to_owned();
     let target = match (&e.proto, &e.url) {
@@ -52,6 +53,7 @@ pub fn table_row(e: &LogEntry) -> String {
             e.rule.clone()
         },
         format!("{}ms", e.duration_ms),
+        e.error.clone().unwrap_or_else(dash),
     ];
     render(&cells)
 }

@@ -38,6 +38,7 @@ fn full_entry() -> LogEntry {
         bytes_received: 4567,
         duration_ms: 89,
         params,
+        error: None,
     }
 }
 
@@ -109,6 +110,7 @@ fn round_trip_every_field() {
         "bytes_received",
         "duration_ms",
         "params",
+        "error",
     ];
     expected.sort();
     let mut keys_sorted = keys.clone();
@@ -132,9 +134,9 @@ fn absent_fields_are_null_and_keys_stable() {
     let line = e.to_json_line().unwrap();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     let obj = v.as_object().unwrap();
-    assert_eq!(obj.len(), 17);
+    assert_eq!(obj.len(), 18);
     for k in [
-        "worker", "pid", "method", "url", "host", "upstream", "status",
+        "worker", "pid", "method", "url", "host", "upstream", "status", "error",
     ] {
         assert!(obj[k].is_null(), "{k} should be null in {line}");
     }
@@ -474,9 +476,10 @@ fn table_output() {
     let mut e = full_entry();
     e.host = Some(format!("evil\x1b[31m.{}.example", "a".repeat(60)));
     w.write(&e).unwrap();
-    let dns = LogEntry::new("acme", Proto::Dns, addr("10.0.0.53:53"))
+    let mut dns = LogEntry::new("acme", Proto::Dns, addr("10.0.0.53:53"))
         .with_host("x.example")
         .with_decision(Verdict::Block, "block:x.example");
+    dns.error = Some("no reply from 2 resolver(s)".to_owned());
     w.write(&dns).unwrap();
 
     let mut q = query(Some("acme"));
@@ -486,7 +489,7 @@ fn table_output() {
     assert_eq!(lines.len(), 3, "{out}");
     for col in [
         "TIME", "TENANT", "PROTO", "DECISION", "STATUS", "METHOD", "HOST", "URL/DST", "RULE",
-        "DURATION",
+        "DURATION", "ERROR",
     ] {
         assert!(lines[0].contains(col), "missing {col}: {}", lines[0]);
     }
@@ -519,6 +522,12 @@ fn table_output() {
     let dns_row: String = lines[2].chars().skip(rule_col).collect();
     assert!(dns_row.starts_with("block:x.example"), "{}", lines[2]);
     assert!(lines[2].contains("10.0.0.53:53") && lines[2].contains("dns"));
+    assert!(
+        lines[2].ends_with("no reply from 2 resolver(s)"),
+        "{}",
+        lines[2]
+    );
+    assert!(lines[1].ends_with(" -"), "{}", lines[1]);
     let http_row: String = lines[1].chars().skip(rule_col).collect();
     assert!(
         http_row.starts_with("allow:api.example.com"),

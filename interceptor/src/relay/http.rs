@@ -270,6 +270,7 @@ async fn handle_request(
             let mut entry = conn.entry(Proto::Http, &decision, Verdict::Error);
             entry.method = Some(method);
             entry.status = Some(400);
+            entry.error = Some(why.to_string());
             finish(ctx, conn, entry, started);
             return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": why }));
         }
@@ -353,6 +354,7 @@ async fn handle_request(
                 };
                 let mut entry = new_entry(&failed, Verdict::Error);
                 entry.status = Some(502);
+                entry.error = Some(e.to_string());
                 finish(ctx, conn, entry, started);
                 return json(
                     StatusCode::BAD_GATEWAY,
@@ -378,12 +380,14 @@ async fn handle_request(
                 action: Action::Block,
                 rule: "resolve".to_string(),
             };
+            let why = format!("cannot resolve: {why}");
             let mut entry = new_entry(&failed, Verdict::Error);
             entry.status = Some(502);
+            entry.error = Some(why.clone());
             finish(ctx, conn, entry, started);
             return json(
                 StatusCode::BAD_GATEWAY,
-                serde_json::json!({ "error": format!("cannot resolve: {why}"), "host": target.host }),
+                serde_json::json!({ "error": why, "host": target.host }),
             );
         }
     };
@@ -479,8 +483,8 @@ async fn handle_request(
             entry.rule = "upstream".to_string();
             entry.status = Some(502);
             entry.bytes_sent = sent.load(Ordering::Relaxed);
+            entry.error = Some(e.clone());
             finish(ctx, conn, entry, started);
-            tracing::debug!(%upstream, "upstream request failed: {e}");
             json(
                 StatusCode::BAD_GATEWAY,
                 serde_json::json!({ "error": e, "host": target.host }),
@@ -517,15 +521,15 @@ fn switch_to_websocket(
                 let mut client = ReadCounter::new(TokioIo::new(client));
                 let mut upstream = ReadCounter::new(TokioIo::new(upstream));
                 if let Err(e) = copy_until_stopped(&mut client, &mut upstream, &shutdown).await {
-                    tracing::debug!("websocket ended: {e}");
+                    entry.error = Some(e.to_string());
                 }
                 let request_body = sent.load(Ordering::Relaxed);
                 entry.finished(request_body + client.count, upstream.count, started);
             }
             Err(e) => {
-                tracing::debug!("websocket upgrade failed: {e}");
                 entry.decision = Verdict::Error;
                 entry.rule = "upgrade".to_string();
+                entry.error = Some(e.to_string());
                 entry.finished(sent.load(Ordering::Relaxed), 0, started);
             }
         }

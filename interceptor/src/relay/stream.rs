@@ -70,7 +70,7 @@ pub async fn relay_tls(
                             Verdict::Error,
                         );
                         entry.host = Some(sni.clone());
-                        tracing::debug!("tls: cannot resolve {sni}: {why}");
+                        entry.error = Some(format!("cannot resolve: {why}"));
                         entry.duration_ms = elapsed_ms(started);
                         ctx.recorder.record(&entry, conn.log_enabled());
                         return;
@@ -143,16 +143,16 @@ async fn pipe<S: AsyncRead + AsyncWrite + Unpin>(
     let mut client = ReadCounter::new(client);
     let mut server = ReadCounter::new(server);
     if let Err(e) = copy_until_stopped(&mut client, &mut server, &ctx.shutdown).await {
-        tracing::debug!(%target, "relay stream ended: {e}");
+        entry.error = Some(e.to_string());
     }
     entry.finished(client.count, server.count, started);
     ctx.recorder.record(&entry, conn.log_enabled());
 }
 
 fn fail(ctx: &RelayContext, conn: &Connection, mut entry: LogEntry, started: Instant, why: &str) {
-    tracing::debug!(upstream = ?entry.upstream, "relay connect failed: {why}");
     entry.decision = Verdict::Error;
     entry.rule = "upstream".to_string();
+    entry.error = Some(format!("connect: {why}"));
     entry.duration_ms = elapsed_ms(started);
     ctx.recorder.record(&entry, conn.log_enabled());
 }
