@@ -146,15 +146,17 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let tenants = config
         .tenants
         .iter()
-        .map(|(name, tenant)| Tenant {
-            id: TenantId(name.clone()),
-            params: tenant.params.clone(),
-            policy: tenant
+        .map(|(name, tenant)| {
+            let policy = tenant
                 .outbound
                 .as_ref()
                 .and_then(|o| policies.get(o))
-                .unwrap_or(&allow_all)
-                .clone(),
+                .unwrap_or(&allow_all);
+            Tenant::new(
+                TenantId(name.clone()),
+                tenant.params.clone(),
+                policy.clone(),
+            )
         })
         .collect();
 
@@ -237,6 +239,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         local.clone(),
         context_key.clone(),
         upstream_pool,
+        settings.max_connections_per_tenant,
         &shutdown,
         &tracker,
     );
@@ -434,7 +437,14 @@ impl Handler for AdminHandler {
                 status.tenants = self.recorder.counters();
                 status.dispatch = self.dispatchers.status();
                 for tenant in self.sandboxes.tenants() {
-                    status.tenants.entry(tenant.id.0.clone()).or_default();
+                    status
+                        .tenants
+                        .entry(tenant.id.0.clone())
+                        .or_default()
+                        .open_connections = tenant
+                        .open_connections
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        as u64;
                 }
                 status.attached = ebpf::attached_programs(&status.cgroup)
                     .unwrap_or_default()

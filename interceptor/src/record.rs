@@ -21,6 +21,9 @@ pub struct TenantCounters {
     pub errors: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Relay connections open now (filled in by the daemon, which knows them).
+    #[serde(default)]
+    pub open_connections: u64,
 }
 
 /// [`TenantCounters`] that relay threads bump without a lock.
@@ -41,6 +44,7 @@ impl LiveCounters {
             errors: self.errors.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
             bytes_received: self.bytes_received.load(Relaxed),
+            open_connections: 0,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::ebpf::cgroup_id;
@@ -40,6 +40,39 @@ pub struct Tenant {
     pub params: Params,
     /// The tenant's outbound Worker (an allow-all one when it names none).
     pub policy: Arc<OutboundPolicy>,
+    /// Relay connections its sandboxes hold open now.
+    pub open_connections: AtomicUsize,
+}
+
+impl Tenant {
+    pub fn new(id: TenantId, params: Params, policy: Arc<OutboundPolicy>) -> Self {
+        Tenant {
+            id,
+            params,
+            policy,
+            open_connections: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts one more open relay connection, unless the tenant already holds
+    /// `limit`: one tenant must not take every descriptor the relay has.
+    pub fn open_connection(self: &Arc<Self>, limit: Option<usize>) -> Option<OpenConnection> {
+        let before = self.open_connections.fetch_add(1, Ordering::Relaxed);
+        if limit.is_some_and(|limit| before >= limit) {
+            self.open_connections.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(OpenConnection(self.clone()))
+    }
+}
+
+/// One of a tenant's open relay connections; no longer counted once dropped.
+pub struct OpenConnection(Arc<Tenant>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One sandbox: a cgroup whose processes share a tenant and a set of parameters.
@@ -159,11 +192,11 @@ impl SandboxRegistry {
         fs::create_dir_all(&dir).map_err(cgroup_err(&dir))?;
         let id = cgroup_id(&dir).map_err(cgroup_err(&dir))?;
         let sandbox = Arc::new(Sandbox {
-            tenant: Arc::new(Tenant {
-                id: TenantId(worker.name.clone()),
-                params: Params::new(),
+            tenant: Arc::new(Tenant::new(
+                TenantId(worker.name.clone()),
+                Params::new(),
                 policy,
-            }),
+            )),
             worker: Some(worker.clone()),
             params: Params::new(),
             cgroup: dir,

@@ -356,6 +356,106 @@ print('ok', sum(ok))
     );
 }
 
+/// One tenant cannot take every connection the relay has: past its limit a
+/// connection is closed unread and logged, while other tenants go on, and a
+/// connection it gives back can be used again.
+#[test]
+fn a_tenant_holds_no_more_relay_connections_than_its_limit() {
+    if !privileged("a_tenant_holds_no_more_relay_connections_than_its_limit") {
+        return;
+    }
+    let api = Upstream::start("127.0.0.2:0");
+    let d = Daemon::start_configured(
+        "max_connections_per_tenant = 4",
+        CONFIG,
+        &[("jwt.key", JWT_KEY)],
+    );
+    let script = format!(
+        r"import socket,sys,time
+def request(s):
+    s.sendall(b'GET /held HTTP/1.1\r\nHost: api.test\r\n\r\n')
+    try:
+        return s.recv(100).split(b'\r\n')[0]
+    except ConnectionResetError:
+        return b'reset'
+held=[socket.create_connection(('127.0.0.2',{port}),timeout=5) for _ in range(4)]
+print('held', all(request(s) == b'HTTP/1.1 200 OK' for s in held))
+print('fifth', request(socket.create_connection(('127.0.0.2',{port}),timeout=5)))
+print('holding', flush=True)
+sys.stdin.readline()
+held[0].close()
+time.sleep(0.5)
+print('again', request(socket.create_connection(('127.0.0.2',{port}),timeout=5)), flush=True)
+",
+        port = api.port()
+    );
+    let mut holder = d
+        .exec_command("acme", &[], &["python3", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("holding") {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut reader, &mut line).unwrap() == 0 {
+            break;
+        }
+        printed.push_str(&line);
+    }
+    assert!(printed.contains("held True"), "{printed}");
+    assert!(
+        printed.contains("fifth b''") || printed.contains("fifth b'reset'"),
+        "{printed}"
+    );
+    assert_eq!(api.requests().len(), 4, "the fifth connection was relayed");
+    let out = std::process::Command::new(interceptor_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert_eq!(
+        status["tenants"]["acme"]["open_connections"], 4,
+        "{status:#}"
+    );
+    assert_eq!(
+        status["tenants"]["strict"]["open_connections"], 0,
+        "{status:#}"
+    );
+
+    // Another tenant is not held back by acme's connections.
+    let out = d.exec(
+        "strict",
+        &[],
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Host: tls.test",
+            &format!("http://127.0.0.2:{}/other", api.port()),
+        ],
+    );
+    assert_eq!(stdout(&out), "200", "{}", text(&out));
+
+    std::io::Write::write_all(holder.stdin.as_mut().unwrap(), b"\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    assert!(holder.wait().unwrap().success(), "{printed}{rest}");
+    assert!(rest.contains("again b'HTTP/1.1 200 OK'"), "{printed}{rest}");
+
+    let refused = d.wait_for_log("acme", |e| e["rule"] == "limit:connections");
+    assert_eq!(refused["decision"], "block");
+    assert_eq!(refused["dst"], format!("127.0.0.2:{}", api.port()));
+}
+
 /// A WebSocket handshake is judged and injected like any request; once the upstream
 /// switches, bytes cross both ways and the request is logged when the tunnel ends.
 /// Other upgrades (h2c) and CONNECT tunnels are not passed on: the relay could not

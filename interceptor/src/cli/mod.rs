@@ -235,13 +235,19 @@ fn status(config: Option<&Path>, json: bool) -> Result<i32, CliError> {
         );
     }
     println!(
-        "{:<20} {:>10} {:>10} {:>10} {:>14} {:>14}",
-        "TENANT", "ALLOWED", "BLOCKED", "ERRORS", "BYTES_SENT", "BYTES_RECEIVED"
+        "{:<20} {:>10} {:>10} {:>10} {:>14} {:>14} {:>6}",
+        "TENANT", "ALLOWED", "BLOCKED", "ERRORS", "BYTES_SENT", "BYTES_RECEIVED", "OPEN"
     );
     for (tenant, c) in &status.tenants {
         println!(
-            "{:<20} {:>10} {:>10} {:>10} {:>14} {:>14}",
-            tenant, c.allowed, c.blocked, c.errors, c.bytes_sent, c.bytes_received
+            "{:<20} {:>10} {:>10} {:>10} {:>14} {:>14} {:>6}",
+            tenant,
+            c.allowed,
+            c.blocked,
+            c.errors,
+            c.bytes_sent,
+            c.bytes_received,
+            c.open_connections
         );
     }
     Ok(0)

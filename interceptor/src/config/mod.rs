@@ -34,6 +34,9 @@ pub const DEFAULT_SANDBOX_USER: &str = "nobody";
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Default `[interceptor].log_keep`.
 pub const DEFAULT_LOG_KEEP: u32 = 5;
+/// Default `[interceptor].max_connections_per_tenant`: far above what one
+/// program needs, far below the descriptors the relay has for everyone.
+pub const DEFAULT_MAX_CONNECTIONS_PER_TENANT: usize = 4096;
 /// Default `jwt.ttl_seconds`.
 pub const DEFAULT_JWT_TTL_SECONDS: u64 = 300;
 /// Default `[[dispatch_namespaces]].binding`.
@@ -132,6 +135,9 @@ pub struct InterceptorConfig {
     pub log_max_bytes: u64,
     /// Rotated log files kept per tenant.
     pub log_keep: u32,
+    /// Relay connections one tenant (or one User Worker) may hold open at once;
+    /// `None`: no limit.
+    pub max_connections_per_tenant: Option<usize>,
 }
 
 impl Default for InterceptorConfig {
@@ -146,6 +152,7 @@ impl Default for InterceptorConfig {
             upstream_ca: Vec::new(),
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             log_keep: DEFAULT_LOG_KEEP,
+            max_connections_per_tenant: Some(DEFAULT_MAX_CONNECTIONS_PER_TENANT),
         }
     }
 }

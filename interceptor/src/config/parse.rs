@@ -45,6 +45,7 @@ const INTERCEPTOR_KEYS: &[&str] = &[
     "upstream_ca",
     "log_max_bytes",
     "log_keep",
+    "max_connections_per_tenant",
 ];
 const TENANT_KEYS: &[&str] = &["outbound", "params"];
 const NAMESPACE_KEYS: &[&str] = &[
@@ -652,6 +653,11 @@ fn interceptor(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> InterceptorConfig {
     if let Some(f) = t.get("log_keep") {
         if let Some(n) = ctx.integer(&f, 0, 10_000) {
             c.log_keep = n as u32;
+        }
+    }
+    if let Some(f) = t.get("max_connections_per_tenant") {
+        if let Some(n) = ctx.integer(&f, 0, 1_000_000) {
+            c.max_connections_per_tenant = (n > 0).then_some(n as usize);
         }
     }
     c

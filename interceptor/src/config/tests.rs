@@ -76,6 +76,7 @@ fn spec_example_parses() {
     assert_eq!(i.sandbox_user, "nobody");
     assert_eq!(i.log_max_bytes, 64 * 1024 * 1024);
     assert_eq!(i.log_keep, 5);
+    assert_eq!(i.max_connections_per_tenant, Some(4096));
     assert_eq!(
         c.resolve_host("API.example.com."),
         Some(&[IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))][..])
@@ -140,13 +141,14 @@ fn extra_interceptor_keys() {
     .unwrap();
     let path = dir.path().join("c.toml");
     let c = parse(
-        "[interceptor]\nupstream_ca = [\"ca.pem\"]\nlog_max_bytes = 1000\nlog_keep = 0\nlog_dir = \"logs\"\n",
+        "[interceptor]\nupstream_ca = [\"ca.pem\"]\nlog_max_bytes = 1000\nlog_keep = 0\nlog_dir = \"logs\"\nmax_connections_per_tenant = 0\n",
         &path,
     )
     .unwrap();
     assert_eq!(c.interceptor.upstream_ca, [dir.path().join("ca.pem")]);
     assert_eq!(c.interceptor.log_max_bytes, 1000);
     assert_eq!(c.interceptor.log_keep, 0);
+    assert_eq!(c.interceptor.max_connections_per_tenant, None);
     assert_eq!(c.interceptor.log_dir, dir.path().join("logs"));
     let errs = parse("[interceptor]\nupstream_ca = [\"missing.pem\"]\n", &path)
         .unwrap_err()

@@ -255,7 +255,7 @@ impl RequestTarget {
 
 async fn handle_request(
     mut req: Request<Incoming>,
-    conn: &Connection,
+    conn: &Arc<Connection>,
     ctx: &RelayContext,
 ) -> Response<RelayBody> {
     let started = Instant::now();
@@ -498,7 +498,7 @@ async fn handle_request(
 /// is logged then with what crossed the tunnel (like TLS and TCP streams).
 fn switch_to_websocket(
     ctx: &RelayContext,
-    conn: &Connection,
+    conn: &Arc<Connection>,
     mut entry: LogEntry,
     mut response: Response<Incoming>,
     client: OnUpgrade,
@@ -515,7 +515,10 @@ fn switch_to_websocket(
         conn.log_enabled(),
         ctx.shutdown.clone(),
     );
+    // The tunnel counts as the tenant's connection until it ends.
+    let conn = conn.clone();
     ctx.tasks.spawn(async move {
+        let _conn = conn;
         match tokio::try_join!(client, upstream) {
             Ok((client, upstream)) => {
                 let mut client = ReadCounter::new(TokioIo::new(client));

@@ -27,7 +27,7 @@ use crate::logs::{LogEntry, Proto, Verdict};
 use crate::policy::Decision;
 use crate::record::Recorder;
 use crate::resolve::Resolver;
-use crate::tenants::{Sandbox, SandboxRegistry};
+use crate::tenants::{OpenConnection, Sandbox, SandboxRegistry};
 
 pub use pool::{OriginTlsError, UpstreamPool};
 pub use upstream::LocalAddresses;
@@ -47,6 +47,8 @@ pub struct RelayContext {
     /// Answers DNS over TCP (connections to port 53).
     pub dns: Arc<DnsContext>,
     upstream: UpstreamPool,
+    /// Connections one tenant may hold open at once (`None`: no limit).
+    max_connections_per_tenant: Option<usize>,
     subrequests: Arc<subrequests::SubrequestCounter>,
     /// Ends accepting, requests on kept-alive connections, and byte streams.
     shutdown: CancellationToken,
@@ -63,6 +65,7 @@ impl RelayContext {
         local: LocalAddresses,
         context_key: Arc<ContextKey>,
         upstream: UpstreamPool,
+        max_connections_per_tenant: Option<usize>,
         shutdown: &CancellationToken,
         tasks: &TaskTracker,
     ) -> Arc<Self> {
@@ -75,6 +78,7 @@ impl RelayContext {
             context_key,
             dns,
             upstream,
+            max_connections_per_tenant,
             subrequests: Default::default(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
@@ -93,6 +97,7 @@ impl RelayContext {
             context_key: self.context_key.clone(),
             dns: self.dns.clone(),
             upstream: self.upstream.fresh_pool(),
+            max_connections_per_tenant: self.max_connections_per_tenant,
             subrequests: self.subrequests.clone(),
             shutdown: self.shutdown.clone(),
             tasks: self.tasks.clone(),
@@ -192,15 +197,15 @@ pub(crate) struct Connection {
     /// Whether `dst` is the relay itself, as for a Worker's subrequests.
     dialled_relay: bool,
     pub pid: u32,
+    /// Counted against the tenant's limit for as long as the connection (or a
+    /// tunnel it became) lives.
+    _open: OpenConnection,
 }
 
 impl Connection {
     /// A log entry for this connection with what every protocol knows.
     fn entry(&self, proto: Proto, decision: &Decision, verdict: Verdict) -> LogEntry {
-        let mut entry = LogEntry::with_dst(&self.sandbox.tenant.id.0, proto, self.dst_text.clone());
-        entry.worker = self.sandbox.worker.as_ref().map(|w| w.name.clone());
-        entry.pid = Some(self.pid);
-        entry.params = self.sandbox.params.clone();
+        let mut entry = sandbox_entry(&self.sandbox, proto, self.dst_text.clone(), self.pid);
         entry.decision = verdict;
         entry.rule = decision.rule.clone();
         entry
@@ -224,6 +229,13 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<RelayContext>)
         return;
     };
     let dst = original.socket_addr();
+    let Some(open) = sandbox
+        .tenant
+        .open_connection(ctx.max_connections_per_tenant)
+    else {
+        refuse_over_limit(&ctx, &sandbox, dst, original.pid);
+        return;
+    };
     if dst.port() == DNS_PORT {
         // DNS over TCP is judged and answered as DNS, never relayed as bytes: no
         // resolver outside the policy, no tunnel through port 53.
@@ -236,6 +248,7 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<RelayContext>)
         dst_text: dst.to_string(),
         dialled_relay: ctx.local.is_local_listener(dst),
         pid: original.pid,
+        _open: open,
     };
     let (protocol, prefix) = match sniff::sniff(&mut stream).await {
         Ok(sniffed) => sniffed,
@@ -256,4 +269,29 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<RelayContext>)
         sniff::Protocol::Tls => Box::pin(stream::relay_tls(stream, conn, ctx, started, sni)).await,
         sniff::Protocol::Opaque => Box::pin(stream::relay_opaque(stream, conn, ctx, started)).await,
     }
+}
+
+/// A log entry with what every connection of `sandbox` knows.
+fn sandbox_entry(sandbox: &Sandbox, proto: Proto, dst: String, pid: u32) -> LogEntry {
+    let mut entry = LogEntry::with_dst(&sandbox.tenant.id.0, proto, dst);
+    entry.worker = sandbox.worker.as_ref().map(|w| w.name.clone());
+    entry.pid = Some(pid);
+    entry.params = sandbox.params.clone();
+    entry
+}
+
+/// A connection over its tenant's limit is closed before a byte is read, and
+/// logged (as `tcp`: what it would have carried is not known yet).
+fn refuse_over_limit(ctx: &RelayContext, sandbox: &Sandbox, dst: SocketAddr, pid: u32) {
+    let mut entry = sandbox_entry(sandbox, Proto::Tcp, dst.to_string(), pid)
+        .with_decision(Verdict::Block, "limit:connections");
+    entry.error = Some(format!(
+        "the tenant already holds {} relay connections",
+        sandbox
+            .tenant
+            .open_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    ));
+    ctx.recorder
+        .record(&entry, sandbox.tenant.policy.log_enabled());
 }
