@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -22,7 +22,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -41,6 +41,11 @@ use crate::policy::{Action, Decision};
 use crate::resolve::normalize_host;
 
 type RelayBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// A client connection that sends no complete request head for this long,
+/// idle between requests or dribbling one, is closed (nginx's keepalive_timeout
+/// by default): an abandoned connection does not hold its tenant's quota.
+const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
 pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<RelayContext>) {
     let conn = Arc::new(conn);
@@ -75,6 +80,8 @@ pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<Relay
     });
     let http = http1::Builder::new()
         .preserve_header_case(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(CLIENT_IDLE_TIMEOUT)
         .serve_connection(TokioIo::new(socket), service)
         .with_upgrades();
     tokio::pin!(http);
