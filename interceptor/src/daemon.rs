@@ -132,6 +132,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         }
     }
     let upstream_pool = UpstreamPool::new(&settings.upstream_ca)?;
+    if !matches!(crate::sandbox::isolation_ruleset(), Ok(Some(_))) {
+        tracing::warn!(
+            "this kernel has no Landlock: sandboxes are not kept from ptracing other processes of sandbox_user"
+        );
+    }
     let user = nix::unistd::User::from_name(&settings.sandbox_user)
         .ok()
         .flatten()

@@ -1,12 +1,81 @@
 //! How a process enters a sandbox: it joins its cgroup, drops to the sandbox
-//! user with no new privileges, and keeps none of its parent's descriptors.
-//! Used between fork and exec by `interceptor exec` and by the dispatcher's
-//! Worker processes.
+//! user with no new privileges, enters a Landlock domain of its own, and keeps
+//! none of its parent's descriptors. Used between fork and exec by
+//! `interceptor exec` and by the dispatcher's Worker processes.
+//!
+//! Every sandbox runs as the same `sandbox_user`, and so may other processes
+//! on the host (`nobody` is common). Same-uid processes may ptrace each other,
+//! write each other's `/proc/PID/mem`, take each other's sockets with
+//! `pidfd_getfd`: an escape from the cgroup, or another tenant's connections
+//! and credentials. The Landlock domain closes that: a process in it reaches
+//! those only inside its own sandbox (and, from Landlock ABI 6, sends signals
+//! and connects to abstract Unix sockets only there too).
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+
+/// `struct landlock_ruleset_attr` (linux/landlock.h); the kernel reads as much
+/// of it as the size passed says, which is how older ABIs are served.
+#[repr(C)]
+struct LandlockRulesetAttr {
+    handled_access_fs: u64,
+    handled_access_net: u64,
+    scoped: u64,
+}
+
+const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1 << 0;
+const LANDLOCK_ACCESS_FS_MAKE_CHAR: u64 = 1 << 6;
+const LANDLOCK_ACCESS_FS_MAKE_BLOCK: u64 = 1 << 11;
+const LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
+const LANDLOCK_SCOPE_SIGNAL: u64 = 1 << 1;
+
+/// The Landlock ruleset a sandbox's first process restricts itself with, or
+/// `None` where the kernel has no Landlock (the sandbox then has its cgroup and
+/// uid, but not the isolation above; the daemon warns at start).
+///
+/// It confines nothing the sandbox could do anyway: on the file system it only
+/// forbids making device nodes, which an unprivileged process cannot. What
+/// matters is the domain it creates.
+pub fn isolation_ruleset() -> io::Result<Option<OwnedFd>> {
+    // SAFETY: the version query takes no attribute.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<LandlockRulesetAttr>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    if abi < 1 {
+        return Ok(None);
+    }
+    let attr = LandlockRulesetAttr {
+        handled_access_fs: LANDLOCK_ACCESS_FS_MAKE_CHAR | LANDLOCK_ACCESS_FS_MAKE_BLOCK,
+        handled_access_net: 0,
+        scoped: LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL,
+    };
+    let size = match abi {
+        1..=3 => std::mem::size_of::<u64>(),
+        4 | 5 => 2 * std::mem::size_of::<u64>(),
+        _ => std::mem::size_of::<LandlockRulesetAttr>(),
+    };
+    // SAFETY: `attr` is a valid landlock_ruleset_attr of at least `size` bytes.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const LandlockRulesetAttr,
+            size,
+            0u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us alone.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+}
 
 /// Opens `<cgroup>/cgroup.procs` for [`enter`]. Call it as root, before the
 /// fork: cgroup v2 checks the opener's credentials, so the child can still move
@@ -21,12 +90,19 @@ pub fn open_cgroup_procs(cgroup: &Path) -> io::Result<File> {
 
 /// In the child, between fork and exec: moves this process into the cgroup
 /// whose `cgroup.procs` is open as `procs_fd`, drops every group and becomes
-/// `uid`/`gid`, sets no_new_privs, and marks every descriptor from
-/// `keep_below` up close-on-exec. Only async-signal-safe system calls.
+/// `uid`/`gid`, sets no_new_privs, restricts itself with `ruleset` (from
+/// [`isolation_ruleset`]), and marks every descriptor from `keep_below` up
+/// close-on-exec. Only async-signal-safe system calls.
 ///
 /// # Safety
 /// Call only in a freshly forked child (e.g. from `pre_exec`).
-pub unsafe fn enter(procs_fd: RawFd, uid: u32, gid: u32, keep_below: u32) -> io::Result<()> {
+pub unsafe fn enter(
+    procs_fd: RawFd,
+    uid: u32,
+    gid: u32,
+    ruleset: Option<RawFd>,
+    keep_below: u32,
+) -> io::Result<()> {
     let fail = || Err(io::Error::last_os_error());
     if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
         return fail();
@@ -37,6 +113,11 @@ pub unsafe fn enter(procs_fd: RawFd, uid: u32, gid: u32, keep_below: u32) -> io:
         || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
     {
         return fail();
+    }
+    if let Some(ruleset) = ruleset {
+        if libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32) != 0 {
+            return fail();
+        }
     }
     if libc::syscall(
         libc::SYS_close_range,

@@ -938,6 +938,101 @@ fn the_sandbox_cannot_leave_its_cgroup_gain_privileges_or_reach_the_admin_socket
     );
 }
 
+/// Sandboxes share `sandbox_user` with each other and, often, with host
+/// processes. Same-uid processes could ptrace each other, write each other's
+/// memory through /proc, or take each other's sockets (pidfd_getfd): out of the
+/// cgroup, or into another tenant's connections. Each sandbox is its own
+/// Landlock domain, so none of that reaches past it.
+#[test]
+fn a_sandbox_cannot_reach_into_other_processes_of_the_sandbox_user() {
+    if !privileged("a_sandbox_cannot_reach_into_other_processes_of_the_sandbox_user") {
+        return;
+    }
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let d = daemon();
+    // A host process of the sandbox user, outside every sandbox.
+    let mut outside = std::process::Command::new("sleep")
+        .arg("30")
+        .uid(65534)
+        .gid(65534)
+        .spawn()
+        .unwrap();
+    // A process in another tenant's sandbox; it says its pid.
+    let mut other = d
+        .exec_command(
+            "strict",
+            &[],
+            &[
+                "python3",
+                "-c",
+                "import os,time;print(os.getpid(),flush=True);time.sleep(30)",
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(other.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let other_pid: u32 = line.trim().parse().expect("the other sandbox's pid");
+
+    let script = format!(
+        r"import ctypes,os,time
+libc=ctypes.CDLL(None,use_errno=True)
+def err(r):
+    return 'ok' if r>=0 else os.strerror(ctypes.get_errno())
+def probe(name,pid):
+    print(name,'ptrace',err(libc.ptrace(16,pid,0,0)))
+    try:
+        open('/proc/%d/mem'%pid,'r+b');print(name,'mem ok')
+    except OSError as e:
+        print(name,'mem',e.strerror)
+    try:
+        fd=os.pidfd_open(pid);print(name,'getfd',err(libc.syscall(438,fd,0,0)))
+    except OSError as e:
+        print(name,'getfd',e.strerror)
+    try:
+        os.kill(pid,0);print(name,'signal ok')
+    except OSError as e:
+        print(name,'signal',e.strerror)
+probe('outside',{outside})
+probe('other',{other})
+child=os.fork()
+if child==0:
+    time.sleep(5);os._exit(0)
+probe('own',child)
+os.kill(child,9)
+",
+        outside = outside.id(),
+        other = other_pid,
+    );
+    let out = d.python("acme", &script);
+    let _ = outside.kill();
+    let _ = other.kill();
+    let _ = outside.wait();
+    let _ = other.wait();
+    let printed = stdout(&out);
+    for who in ["outside", "other"] {
+        for what in ["ptrace", "mem", "getfd", "signal"] {
+            let line = printed
+                .lines()
+                .find(|l| l.starts_with(&format!("{who} {what} ")))
+                .unwrap_or_else(|| panic!("no {who} {what}: {}", text(&out)));
+            assert!(!line.ends_with(" ok"), "{line}\n{}", text(&out));
+        }
+    }
+    // Within its own sandbox, a process keeps what the user normally has.
+    for what in ["ptrace", "mem", "getfd", "signal"] {
+        assert!(
+            printed.contains(&format!("own {what} ok")),
+            "{}",
+            text(&out)
+        );
+    }
+}
+
 #[test]
 fn sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over() {
     if !privileged("sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over") {

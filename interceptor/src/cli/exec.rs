@@ -63,11 +63,14 @@ fn spawn_and_wait(
     let procs =
         crate::sandbox::open_cgroup_procs(cgroup).map_err(|e| CliError::failure(e.to_string()))?;
     let procs_fd = procs.as_raw_fd();
+    let ruleset = crate::sandbox::isolation_ruleset()
+        .map_err(|e| CliError::failure(format!("Landlock ruleset: {e}")))?;
+    let ruleset_fd = ruleset.as_ref().map(|fd| fd.as_raw_fd());
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]);
     // SAFETY: `enter` only makes async-signal-safe system calls.
     unsafe {
-        cmd.pre_exec(move || crate::sandbox::enter(procs_fd, uid, gid, 3));
+        cmd.pre_exec(move || crate::sandbox::enter(procs_fd, uid, gid, ruleset_fd, 3));
     }
     let mut child = cmd.spawn().map_err(|e| {
         let code = if e.kind() == std::io::ErrorKind::NotFound {
@@ -81,7 +84,7 @@ fn spawn_and_wait(
             bare: false,
         }
     })?;
-    drop(procs);
+    drop((procs, ruleset));
     CHILD.store(child.id() as i32, Ordering::Relaxed);
     // Like system(3): the terminal's interrupt goes to the child; we wait for it.
     // SAFETY: installing handlers that only call kill(2) / ignoring signals.

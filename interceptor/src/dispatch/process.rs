@@ -223,6 +223,9 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
     let (ours, theirs) = socketpair()?;
     let theirs = raise_fd(theirs, COMPONENT_FD + 1)?;
     let component = raise_fd(spec.artifact.open_read_only()?, COMPONENT_FD + 1)?;
+    let ruleset = crate::sandbox::isolation_ruleset()?
+        .map(|fd| raise_fd(fd, COMPONENT_FD + 1))
+        .transpose()?;
 
     let mut cmd = Command::new(spec.exe);
     cmd.arg("worker")
@@ -250,6 +253,7 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
         .kill_on_drop(false);
     let (procs_fd, channel_fd, component_fd) =
         (procs.as_raw_fd(), theirs.as_raw_fd(), component.as_raw_fd());
+    let ruleset_fd = ruleset.as_ref().map(|fd| fd.as_raw_fd());
     let (uid, gid) = (spec.uid, spec.gid);
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {
@@ -264,11 +268,11 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
             {
                 return Err(io::Error::last_os_error());
             }
-            crate::sandbox::enter(procs_fd, uid, gid, (COMPONENT_FD + 1) as u32)
+            crate::sandbox::enter(procs_fd, uid, gid, ruleset_fd, (COMPONENT_FD + 1) as u32)
         });
     }
     let mut child = cmd.spawn()?;
-    drop((procs, theirs, component));
+    drop((procs, theirs, component, ruleset));
     let pid = child
         .id()
         .ok_or_else(|| io::Error::other("the Worker process vanished at start"))?;
