@@ -316,6 +316,34 @@ fn ipv6_and_kept_alive_connections_with_two_hosts() {
     let out = d.python("acme", &script);
     assert!(stdout(&out).contains(" 200"), "{}", text(&out));
     assert_eq!(api.requests()[2].uri, "/abs");
+
+    // Empty lines before the request line do not make it opaque bytes, judged
+    // by address only; nor does HTTP/2 with prior knowledge pass unjudged.
+    let script = format!(
+        r"import socket
+for name,data in [('crlf',b'\r\n\r\nGET /crlf HTTP/1.1\r\nHost: blocked.test\r\n\r\n'),
+                  ('h2',b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00')]:
+    s=socket.create_connection(('127.0.0.2',{port}),timeout=5)
+    s.sendall(data)
+    try:
+        print(name, s.recv(100).split(b'\r\n')[0])
+    except ConnectionResetError:
+        print(name, 'reset')
+",
+        port = api.port()
+    );
+    let out = d.python("acme", &script);
+    assert!(
+        stdout(&out).contains("crlf b'HTTP/1.1 403 Forbidden'"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !stdout(&out).contains("h2 b'HTTP/1.1 200"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(api.requests().len(), 3, "{:?}", api.requests());
 }
 
 /// Concurrent requests reuse the relay's upstream connections: however many
@@ -713,6 +741,75 @@ fn tls_is_judged_by_sni_and_relayed_untouched() {
     let with_sni = no_sni.replace("server_hostname=None", "server_hostname='tls.test'");
     let out = d.python("strict", &with_sni);
     assert!(stdout(&out).starts_with("handshake"), "{}", text(&out));
+
+    // A ClientHello split across two records (valid TLS) is judged by its SNI
+    // all the same: the split must not hide a blocked name.
+    let split = format!(
+        r"import socket, ssl
+def split_hello(host):
+    ctx=ssl.create_default_context(cafile='{ca}')
+    inc,out=ssl.MemoryBIO(),ssl.MemoryBIO()
+    tls=ctx.wrap_bio(inc,out,server_hostname=host)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello=out.read()
+    head,body=hello[:3],hello[5:]
+    record=lambda part: head+len(part).to_bytes(2,'big')+part
+    s=socket.create_connection(('127.0.0.2',{port}),timeout=5)
+    s.sendall(record(body[:10])+record(body[10:]))
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                s.sendall(out.read())
+                data=s.recv(65536)
+                if not data:
+                    return 'closed'
+                inc.write(data)
+        tls.write(b'GET /split HTTP/1.1\r\nHost: '+host.encode()+b'\r\nConnection: close\r\n\r\n')
+        s.sendall(out.read())
+        answer=b''
+        while not answer:
+            data=s.recv(65536)
+            if not data:
+                break
+            inc.write(data)
+            try:
+                answer+=tls.read(65536)
+            except ssl.SSLWantReadError:
+                pass
+        return answer.split(b'\r\n')[0]
+    except (ConnectionResetError, ssl.SSLError) as e:
+        return 'closed'
+print('allowed', split_hello('tls.test'))
+print('blocked', split_hello('blocked.test'))
+",
+    );
+    let before = tls.connections();
+    let out = d.python("acme", &split);
+    let printed = stdout(&out);
+    assert!(
+        printed.contains("allowed b'HTTP/1.1 200 OK'"),
+        "{}",
+        text(&out)
+    );
+    assert!(printed.contains("blocked closed"), "{}", text(&out));
+    assert_eq!(
+        tls.connections(),
+        before + 1,
+        "a split blocked SNI reached upstream"
+    );
+    assert!(tls.requests().iter().any(|r| r.uri == "/split"));
+    let blocked = d
+        .logs("acme")
+        .into_iter()
+        .filter(|e| e["proto"] == "tls" && e["host"] == "blocked.test")
+        .count();
+    assert_eq!(blocked, 2, "{:#?}", d.logs("acme"));
 }
 
 #[test]

@@ -6,13 +6,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tls_parser::{parse_tls_raw_record, TlsRecordType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// How long a client may stay silent before its connection is taken as opaque TCP
 /// (protocols where the server speaks first).
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(1000);
-/// A ClientHello larger than one TLS record is not supported.
-const MAX_PREFIX: usize = 5 + 16 * 1024;
+/// The most read before deciding: a ClientHello may span several records, but
+/// not beyond this (it is taken as TLS without a readable SNI then).
+const MAX_PREFIX: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -21,29 +23,66 @@ pub enum Protocol {
     Opaque,
 }
 
+/// `PRI` opens HTTP/2 with prior knowledge: taken as HTTP, it meets the
+/// HTTP/1 server, which refuses it, rather than passing as opaque bytes whose
+/// requests nobody judges.
 const METHODS: &[&[u8]] = &[
-    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT",
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT", b"PRI",
 ];
 
 /// Classifies what is known so far; `None` means more bytes are needed.
 pub fn classify(prefix: &[u8]) -> Option<Protocol> {
     let first = *prefix.first()?;
     if first == 0x16 {
-        if prefix.len() < 5 {
-            return None;
-        }
-        let record_len = 5 + u16::from_be_bytes([prefix[3], prefix[4]]) as usize;
-        return if prefix.len() >= record_len.min(MAX_PREFIX) {
-            Some(Protocol::Tls)
-        } else {
-            None
+        return match client_hello(prefix) {
+            ClientHello::Partial if prefix.len() < MAX_PREFIX => None,
+            _ => Some(Protocol::Tls),
         };
     }
+    // Empty lines before a request line are ignored (RFC 9112 §2.2), by the
+    // HTTP server here as by upstream ones: they must not make a request opaque.
+    let start = prefix.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let prefix = &prefix[start..];
     match prefix.iter().position(|&b| b == b' ') {
         Some(end) if METHODS.contains(&&prefix[..end]) => Some(Protocol::Http),
         Some(_) => Some(Protocol::Opaque),
         None if prefix.len() < 8 && prefix.iter().all(u8::is_ascii_uppercase) => None,
         None => Some(Protocol::Opaque),
+    }
+}
+
+/// The first handshake message of a TLS stream, as far as it has arrived.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientHello {
+    /// The whole message (header included), put back together from however
+    /// many records the client split it into (RFC 8446 §5.1 allows any split;
+    /// judging only the first record would let a split hide the SNI).
+    Whole(Vec<u8>),
+    /// More bytes are needed.
+    Partial,
+    /// Not a handshake this relay can read.
+    Unreadable,
+}
+
+pub fn client_hello(prefix: &[u8]) -> ClientHello {
+    let mut message = Vec::new();
+    let mut rest = prefix;
+    loop {
+        if let [_, a, b, c, ..] = message[..] {
+            let whole = 4 + u32::from_be_bytes([0, a, b, c]) as usize;
+            if message.len() >= whole {
+                message.truncate(whole);
+                return ClientHello::Whole(message);
+            }
+        }
+        match parse_tls_raw_record(rest) {
+            Ok((after, record)) if record.hdr.record_type == TlsRecordType::Handshake => {
+                message.extend_from_slice(record.data);
+                rest = after;
+            }
+            Err(tls_parser::Err::Incomplete(_)) => return ClientHello::Partial,
+            _ => return ClientHello::Unreadable,
+        }
     }
 }
 
@@ -155,9 +194,40 @@ mod tests {
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Protocol::Opaque));
         assert_eq!(classify(b"HELLO world"), Some(Protocol::Opaque));
-        assert_eq!(classify(&[0x16, 3, 1, 0, 4, 1, 2]), None);
-        assert_eq!(classify(&[0x16, 3, 1, 0, 2, 1, 2]), Some(Protocol::Tls));
+        assert_eq!(
+            classify(b"\r\n\r\nGET / HTTP/1.1\r\n"),
+            Some(Protocol::Http)
+        );
+        assert_eq!(classify(b"\r\n"), None);
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM"), Some(Protocol::Http));
+        // A record whose handshake message says 3 bytes follow, of which 2 came.
+        assert_eq!(classify(&[0x16, 3, 1, 0, 6, 1, 0, 0, 3, 7, 8]), None);
+        assert_eq!(
+            classify(&[0x16, 3, 1, 0, 7, 1, 0, 0, 3, 7, 8, 9]),
+            Some(Protocol::Tls)
+        );
         assert_eq!(classify(&[0, 1, 2]), Some(Protocol::Opaque));
+    }
+
+    #[test]
+    fn a_client_hello_split_across_records_is_put_back_together() {
+        let split = [
+            &[0x16, 3, 1, 0, 2, 1, 0][..],
+            &[0x16, 3, 1, 0, 1, 0][..],
+            &[0x16, 3, 1, 0, 4, 3, 7, 8, 9][..],
+        ]
+        .concat();
+        assert_eq!(
+            client_hello(&split),
+            ClientHello::Whole(vec![1, 0, 0, 3, 7, 8, 9])
+        );
+        assert_eq!(client_hello(&split[..10]), ClientHello::Partial);
+        assert_eq!(classify(&split[..10]), None);
+        assert_eq!(classify(&split), Some(Protocol::Tls));
+        // Another record type before the message is whole: not readable, yet TLS.
+        let interrupted = [&[0x16, 3, 1, 0, 2, 1, 0][..], &[0x17, 3, 3, 0, 1, 0][..]].concat();
+        assert_eq!(client_hello(&interrupted), ClientHello::Unreadable);
+        assert_eq!(classify(&interrupted), Some(Protocol::Tls));
     }
 
     #[tokio::test]

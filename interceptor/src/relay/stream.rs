@@ -9,7 +9,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tls_parser::{
-    parse_tls_extensions, parse_tls_plaintext, SNIType, TlsExtension, TlsMessage,
+    parse_tls_extensions, parse_tls_message_handshake, SNIType, TlsExtension, TlsMessage,
     TlsMessageHandshake,
 };
 
@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::http::elapsed_ms;
-use super::sniff::Prefixed;
+use super::sniff::{client_hello, ClientHello, Prefixed};
 use super::upstream::{self, Refusal};
 use super::{copy_until_stopped, Connection, RelayContext};
 use crate::logs::{LogEntry, Proto, Verdict};
@@ -25,10 +25,13 @@ use crate::policy::{Action, Decision};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The SNI host name of a TLS ClientHello record, if it has one.
-pub fn client_hello_sni(record: &[u8]) -> Option<String> {
-    let (_, plaintext) = parse_tls_plaintext(record).ok()?;
-    let TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)) = plaintext.msg.first()?
+/// The SNI host name of the ClientHello that opens a TLS stream, if it has one.
+pub fn client_hello_sni(prefix: &[u8]) -> Option<String> {
+    let ClientHello::Whole(message) = client_hello(prefix) else {
+        return None;
+    };
+    let (_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello))) =
+        parse_tls_message_handshake(&message).ok()?
     else {
         return None;
     };
