@@ -81,6 +81,8 @@ pub enum AdminError {
     Bind { path: PathBuf, source: io::Error },
     #[error("the daemon is not running (cannot connect to {path}: {source})")]
     NotRunning { path: PathBuf, source: io::Error },
+    #[error("cannot reach the daemon: {path} is root-only ({source})")]
+    Forbidden { path: PathBuf, source: io::Error },
     #[error("admin socket {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("admin socket {path}: bad reply: {source}")]
@@ -154,11 +156,14 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>, shutdown: 
 /// Sends one request to the daemon and waits for its reply (blocking; for the CLI).
 pub fn call(path: &Path, request: &Request) -> Result<Reply, AdminError> {
     use std::io::{BufRead, Write};
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(path).map_err(|source| AdminError::NotRunning {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
+        let path = path.to_path_buf();
+        if source.kind() == io::ErrorKind::PermissionDenied {
+            AdminError::Forbidden { path, source }
+        } else {
+            AdminError::NotRunning { path, source }
+        }
+    })?;
     let io_err = |source| AdminError::Io {
         path: path.to_path_buf(),
         source,

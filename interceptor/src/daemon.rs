@@ -48,6 +48,10 @@ pub enum DaemonError {
     },
     #[error("sandbox_user {0:?}: no such user")]
     SandboxUser(String),
+    #[error("another interceptor daemon serves the cgroup subtree {0}")]
+    SubtreeInUse(PathBuf),
+    #[error("cgroup subtree {path}: {source}")]
+    Subtree { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Ebpf(#[from] ebpf::EbpfError),
     #[error(transparent)]
@@ -118,6 +122,29 @@ fn own_cgroup(mount: &Path) -> Option<PathBuf> {
     Some(mount.join(path.trim_start_matches('/')))
 }
 
+/// Holds the subtree for this daemon as long as the returned file is open. A
+/// second daemon on it would swap in programs that redirect this one's
+/// sandboxes to its own relay, and leave them failing when it stops.
+fn hold_subtree(root: &Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::fd::AsRawFd;
+    let err = |source| DaemonError::Subtree {
+        path: root.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(root).map_err(err)?;
+    let dir = std::fs::File::open(root).map_err(err)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            DaemonError::SubtreeInUse(root.to_path_buf())
+        } else {
+            err(e)
+        });
+    }
+    Ok(dir)
+}
+
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(DaemonError::NotRoot);
@@ -131,6 +158,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             return Err(DaemonError::InsideSubtree(own));
         }
     }
+    let _serving = hold_subtree(&root)?;
     let upstream_pool = UpstreamPool::new(&settings.upstream_ca)?;
     if !matches!(crate::sandbox::isolation_ruleset(), Ok(Some(_))) {
         tracing::warn!(
@@ -297,7 +325,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         });
     }
     write_pointer(&DaemonPointer {
-        config: config_path,
+        // Absolute: `logs` and `exec` read it from wherever they are run.
+        config: std::path::absolute(&config_path).unwrap_or(config_path),
         admin_socket: settings.admin_socket.clone(),
         log_dir: settings.log_dir.clone(),
         pid: std::process::id(),

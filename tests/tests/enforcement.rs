@@ -322,6 +322,8 @@ fn ipv6_and_kept_alive_connections_with_two_hosts() {
     let script = format!(
         r"import socket
 for name,data in [('crlf',b'\r\n\r\nGET /crlf HTTP/1.1\r\nHost: blocked.test\r\n\r\n'),
+                  ('port',b'GET /port HTTP/1.1\r\nHost: api.test:99999\r\n\r\n'),
+                  ('zero',b'GET /zero HTTP/1.1\r\nHost: api.test:0\r\n\r\n'),
                   ('h2',b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00')]:
     s=socket.create_connection(('127.0.0.2',{port}),timeout=5)
     s.sendall(data)
@@ -335,6 +337,16 @@ for name,data in [('crlf',b'\r\n\r\nGET /crlf HTTP/1.1\r\nHost: blocked.test\r\n
     let out = d.python("acme", &script);
     assert!(
         stdout(&out).contains("crlf b'HTTP/1.1 403 Forbidden'"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stdout(&out).contains("port b'HTTP/1.1 400 Bad Request'"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stdout(&out).contains("zero b'HTTP/1.1 400 Bad Request'"),
         "{}",
         text(&out)
     );
@@ -1138,6 +1150,35 @@ fn sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over(
     let api = Upstream::start("127.0.0.2:0");
     let port = api.port();
     let mut d = daemon();
+
+    // A second daemon on the same subtree would swap in programs that redirect
+    // this one's sandboxes to its own relay: it is refused.
+    let second = d.dir.path().join("second.toml");
+    let config = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace(
+            &format!(":{}\"", d.relay_port),
+            &format!(":{}\"", free_port()),
+        )
+        .replace(
+            &format!(":{}\"", d.dns_port),
+            &format!(":{}\"", free_port()),
+        )
+        .replace("run/admin.sock", "second/admin.sock")
+        .replace("/logs\"", "/second-logs\"");
+    std::fs::write(&second, config).unwrap();
+    let out = std::process::Command::new(interceptor_bin())
+        .args(["run", "--config"])
+        .arg(&second)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another interceptor daemon serves"),
+        "{}",
+        text(&out)
+    );
+
     let go = d.dir.path().join("go");
     let script = format!(
         "import os,socket,time\nwhile not os.path.exists('{go}'): time.sleep(0.02)\n\

@@ -50,16 +50,34 @@ pub const DISPATCH_PARAMETERS: &[&str] = &["customer_name", "url"];
 
 /// Loads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, path),
-        Err(e) => Err(ConfigError::single(Diagnostic {
+    let fail = |message: String| {
+        Err(ConfigError::single(Diagnostic {
             file: path.to_path_buf(),
             line: None,
             column: None,
-            message: format!("cannot read config file: {e}"),
-        })),
+            message,
+        }))
+    };
+    // Bounded: a path like /dev/zero must end in an error, not fill memory.
+    let mut text = String::new();
+    let read = std::fs::File::open(path).and_then(|file| {
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, MAX_CONFIG_BYTES + 1),
+            &mut text,
+        )
+    });
+    match read {
+        Ok(n) if n as u64 > MAX_CONFIG_BYTES => fail(format!(
+            "config file is larger than {} MiB",
+            MAX_CONFIG_BYTES >> 20
+        )),
+        Ok(_) => parse(&text, path),
+        Err(e) => fail(format!("cannot read config file: {e}")),
     }
 }
+
+/// Far above any real configuration.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 /// Parses and validates `text`, the contents of the config file at `path` (used in
 /// diagnostics and to resolve relative paths; key files and CA files it names are read).

@@ -242,7 +242,16 @@ impl RequestTarget {
         if host.is_empty() {
             return Err("empty host");
         }
-        let port = authority.port_u16().unwrap_or(default_port);
+        // Read from the text: `Authority` drops a port it cannot parse.
+        let port_text = authority
+            .as_str()
+            .strip_prefix(authority.host())
+            .and_then(|rest| rest.strip_prefix(':'));
+        let port = match port_text.map(str::parse::<u16>) {
+            None => default_port,
+            Some(Ok(port)) if port != 0 => port,
+            Some(_) => return Err("invalid port"),
+        };
         let path = req
             .uri()
             .path_and_query()
