@@ -272,6 +272,33 @@ fn redirect6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     ALLOW
 }
 
+/// No socket in the subtree may take the relay's or the DNS listener's port, on
+/// any address: while the daemon is down (its programs and config stay), a
+/// sandbox bound there would keep the restarted daemon from listening, and
+/// receive the connections the hooks send there.
+#[inline(always)]
+fn guard_bind(ctx: &SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    let port = read_user_port(ctx.sock_addr);
+    if port != 0 && (port == cfg.relay_port || port == cfg.dns_port) {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn icpt_bind4(ctx: SockAddrContext) -> i32 {
+    guard_bind(&ctx)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn icpt_bind6(ctx: SockAddrContext) -> i32 {
+    guard_bind(&ctx)
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn icpt_connect4(ctx: SockAddrContext) -> i32 {
     redirect4(&ctx, false)

@@ -158,7 +158,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             return Err(DaemonError::InsideSubtree(own));
         }
     }
-    let _serving = hold_subtree(&root)?;
     let upstream_pool = UpstreamPool::new(&settings.upstream_ca)?;
     if !matches!(crate::sandbox::isolation_ruleset(), Ok(Some(_))) {
         tracing::warn!(
@@ -227,6 +226,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         })
         .collect::<Result<Vec<_>, _>>()?;
 
+    // After the listeners: the same config started twice names its port in use.
+    let _serving = hold_subtree(&root)?;
     let sandboxes = Arc::new(SandboxRegistry::create(root.clone(), tenants)?);
     let recorder = Recorder::new(LogWriter::open(
         &settings.log_dir,

@@ -1031,10 +1031,10 @@ fn the_sandbox_cannot_leave_its_cgroup_gain_privileges_or_reach_the_admin_socket
     assert!(printed.contains("raw refused"), "{}", text(&out));
     // The relay's per-thread listeners share its port through SO_REUSEPORT; a
     // sandboxed listener joining that group would be handed other sandboxes'
-    // connections. The kernel only lets the same user join.
+    // connections. The bind hooks refuse the relay's port to every sandbox.
     assert!(!printed.contains("joined"), "{}", text(&out));
     assert_eq!(
-        printed.matches("relay port refused 98").count(),
+        printed.matches("relay port refused 1").count(),
         2,
         "{}",
         text(&out)
@@ -1180,11 +1180,19 @@ fn sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over(
     );
 
     let go = d.dir.path().join("go");
+    // While the daemon is dead the sandbox can neither get out nor take the
+    // relay's or the DNS listener's port (which would keep the daemon from
+    // coming back, and collect what the hooks send there).
     let script = format!(
         "import os,socket,time\nwhile not os.path.exists('{go}'): time.sleep(0.02)\n\
          try:\n  socket.create_connection(('127.0.0.2',{port}),timeout=3)\n  print('connected')\n\
-         except OSError as e:\n  print('failed', e)\n",
-        go = go.display()
+         except OSError as e:\n  print('failed', e)\n\
+         for kind, p in [(socket.SOCK_STREAM, {relay}), (socket.SOCK_DGRAM, {dns})]:\n\
+         \x20 try:\n    socket.socket(socket.AF_INET, kind).bind(('127.0.0.1', p))\n    print('bound', p)\n\
+         \x20 except OSError as e:\n    print('bind refused', e.errno)\n",
+        go = go.display(),
+        relay = d.relay_port,
+        dns = d.dns_port,
     );
     let waiting = d
         .exec_command("acme", &[], &["python3", "-c", &script])
@@ -1196,6 +1204,13 @@ fn sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over(
     std::fs::write(&go, "").unwrap();
     let out = waiting.wait_with_output().unwrap();
     assert!(stdout(&out).contains("failed"), "{}", text(&out));
+    assert!(!stdout(&out).contains("bound"), "{}", text(&out));
+    assert_eq!(
+        stdout(&out).matches("bind refused 1").count(),
+        2,
+        "{}",
+        text(&out)
+    );
     assert_eq!(
         api.connections(),
         0,

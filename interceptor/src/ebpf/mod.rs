@@ -177,6 +177,8 @@ struct ProgramSpec {
 enum AttachType {
     SockCreate = 2,
     SockOps = 3,
+    Bind4 = 8,
+    Bind6 = 9,
     Connect4 = 10,
     Connect6 = 11,
     Sendmsg4 = 14,
@@ -193,6 +195,8 @@ impl AttachType {
         match self {
             Self::SockCreate => "sock_create",
             Self::SockOps => "sock_ops",
+            Self::Bind4 => "bind4",
+            Self::Bind6 => "bind6",
             Self::Connect4 => "connect4",
             Self::Connect6 => "connect6",
             Self::Sendmsg4 => "sendmsg4",
@@ -236,6 +240,14 @@ const PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec {
         name: "icpt_peername6",
         attach_type: AttachType::Getpeername6,
+    },
+    ProgramSpec {
+        name: "icpt_bind4",
+        attach_type: AttachType::Bind4,
+    },
+    ProgramSpec {
+        name: "icpt_bind6",
+        attach_type: AttachType::Bind6,
     },
     ProgramSpec {
         name: "icpt_sendmsg4",
