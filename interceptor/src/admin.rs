@@ -37,6 +37,10 @@ pub enum Reply {
         cgroup: PathBuf,
         uid: u32,
         gid: u32,
+        /// Environment variables the daemon's injections read (`{env:NAME}`):
+        /// `exec` keeps them out of the sandbox, should its caller hold them too.
+        #[serde(default)]
+        withheld_env: Vec<String>,
     },
     Done,
     Status(Box<Status>),

@@ -296,6 +296,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         recorder: recorder.clone(),
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
+        withheld_env: policies
+            .values()
+            .flat_map(|p| p.injections())
+            .flat_map(|i| i.env_vars())
+            .map(str::to_string)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
         status: Status {
             pid: std::process::id(),
             config: config_path.clone(),
@@ -436,6 +444,8 @@ struct AdminHandler {
     recorder: Arc<Recorder>,
     uid: u32,
     gid: u32,
+    /// What `{env:NAME}` templates read: never passed into a sandbox.
+    withheld_env: Vec<String>,
     /// The parts of the status that do not change.
     status: Status,
 }
@@ -449,6 +459,7 @@ impl Handler for AdminHandler {
                         cgroup: sandbox.cgroup.clone(),
                         uid: self.uid,
                         gid: self.gid,
+                        withheld_env: self.withheld_env.clone(),
                     },
                     Err(e @ crate::tenants::TenantError::UnknownTenant(_)) => Reply::Error {
                         message: e.to_string(),

@@ -45,6 +45,11 @@ jwt = { algorithm = "HS256", key_file = "{dir}/jwt.key", ttl_seconds = 300, clai
 host = "team.test"
 header = "X-Team"
 value = "team-{team}"
+
+[[outbound.egress.inject]]
+host = "env.test"
+header = "X-Token"
+value = "{env:INTERCEPTOR_TEST_TOKEN}"
 "#;
 
 fn daemon() -> Daemon {
@@ -1045,6 +1050,25 @@ fn the_sandbox_cannot_leave_its_cgroup_gain_privileges_or_reach_the_admin_socket
         "{}",
         text(&out)
     );
+
+    // The caller's environment reaches the command, but not a variable the
+    // daemon's injections read: the secret stays out even when the operator's
+    // shell holds it.
+    let out = d
+        .exec_command(
+            "acme",
+            &[],
+            &[
+                "sh",
+                "-c",
+                "echo token=$INTERCEPTOR_TEST_TOKEN plain=$INTERCEPTOR_TEST_PLAIN",
+            ],
+        )
+        .env("INTERCEPTOR_TEST_TOKEN", "s3cret")
+        .env("INTERCEPTOR_TEST_PLAIN", "kept")
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out).trim(), "token= plain=kept", "{}", text(&out));
 }
 
 /// Sandboxes share `sandbox_user` with each other and, often, with host

@@ -36,8 +36,13 @@ pub fn run(
             params,
         },
     )?;
-    let (cgroup, uid, gid) = match reply {
-        Reply::Sandbox { cgroup, uid, gid } => (cgroup, uid, gid),
+    let (cgroup, uid, gid, withheld_env) = match reply {
+        Reply::Sandbox {
+            cgroup,
+            uid,
+            gid,
+            withheld_env,
+        } => (cgroup, uid, gid, withheld_env),
         Reply::Error { message, usage } => {
             return Err(if usage {
                 CliError::usage(message)
@@ -47,7 +52,7 @@ pub fn run(
         }
         other => return Err(CliError::failure(format!("unexpected reply {other:?}"))),
     };
-    let result = spawn_and_wait(&cgroup, uid, gid, &command);
+    let result = spawn_and_wait(&cgroup, uid, gid, &withheld_env, &command);
     if let Err(e) = admin::call(admin_socket, &Request::ExecClose { cgroup }) {
         tracing::debug!("closing the sandbox: {e}");
     }
@@ -58,6 +63,7 @@ fn spawn_and_wait(
     cgroup: &Path,
     uid: u32,
     gid: u32,
+    withheld_env: &[String],
     command: &[OsString],
 ) -> Result<i32, CliError> {
     let procs =
@@ -68,6 +74,11 @@ fn spawn_and_wait(
     let ruleset_fd = ruleset.as_ref().map(|fd| fd.as_raw_fd());
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]);
+    // The command gets its caller's environment, but not the daemon's secrets
+    // should the caller's shell hold them too.
+    for name in withheld_env {
+        cmd.env_remove(name);
+    }
     // SAFETY: `enter` only makes async-signal-safe system calls.
     unsafe {
         cmd.pre_exec(move || crate::sandbox::enter(procs_fd, uid, gid, ruleset_fd, 3));

@@ -194,6 +194,16 @@ impl Injection {
         matches!(self.kind, InjectKind::Jwt(_))
     }
 
+    /// The daemon's environment variables its value or claims read.
+    pub fn env_vars(&self) -> Vec<&str> {
+        let mut templates = Vec::new();
+        match &self.kind {
+            InjectKind::Value(t) => templates.push(t),
+            InjectKind::Jwt(m) => m.claims.templates(&mut templates),
+        }
+        templates.into_iter().flat_map(Template::env_vars).collect()
+    }
+
     /// The header to add to a request, for that request's parameters. The value is marked
     /// sensitive. Any missing parameter or variable is an error: never a half-filled value.
     pub fn render(

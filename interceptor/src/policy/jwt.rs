@@ -156,6 +156,16 @@ pub(crate) enum ClaimTemplate {
 }
 
 impl ClaimTemplate {
+    /// Every string template among the claims.
+    pub(crate) fn templates<'a>(&'a self, out: &mut Vec<&'a Template>) {
+        match self {
+            ClaimTemplate::Str(t) => out.push(t),
+            ClaimTemplate::Array(items) => items.iter().for_each(|c| c.templates(out)),
+            ClaimTemplate::Object(fields) => fields.iter().for_each(|(_, c)| c.templates(out)),
+            ClaimTemplate::Other(_) => {}
+        }
+    }
+
     pub(crate) fn from_json(value: &Value) -> Result<ClaimTemplate, String> {
         Ok(match value {
             Value::String(s) => ClaimTemplate::Str(Template::parse(s)?),

@@ -450,3 +450,23 @@ fn example_config_policies() {
     assert!(headers[0].1.to_str().unwrap().starts_with("Bearer ey"));
     assert_eq!(headers[1].1, "acme");
 }
+
+#[test]
+fn the_environment_variables_injections_read_are_listed() {
+    let p = policy(&format!(
+        r#"[outbound.e]
+[[outbound.e.inject]]
+host = "a.example"
+header = "X-A"
+value = "Bearer {{env:TOKEN_A}}-{{customer_name}}"
+
+[[outbound.e.inject]]
+host = "b.example"
+header = "Authorization"
+jwt = {{ algorithm = "ES256", key_file = "{}", claims = {{ sub = "{{customer_name}}", nested = {{ team = ["x", "{{env:TEAM}}"] }} }} }}
+"#,
+        testdata("es256.pem").display()
+    ));
+    let vars: Vec<&str> = p.injections().iter().flat_map(|i| i.env_vars()).collect();
+    assert_eq!(vars, ["TOKEN_A", "TEAM"]);
+}
