@@ -352,7 +352,9 @@ fn restore4(ctx: &SockAddrContext, relay: bool) {
     write_user_port(sa, dst.port);
 }
 
-/// recvmsg6 / getpeername6.
+/// recvmsg6 / getpeername6. An IPv6 socket that sent to an IPv4-mapped address
+/// went through the IPv4 hooks, to the IPv4 listener: its reply shows that
+/// listener's address mapped.
 #[inline(always)]
 fn restore6(ctx: &SockAddrContext, relay: bool) {
     let Some(cfg) = config() else {
@@ -361,8 +363,11 @@ fn restore6(ctx: &SockAddrContext, relay: bool) {
     let sa = ctx.sock_addr;
     let ip = read_user_ip6(sa);
     let port = read_user_port(sa);
-    let is_dns = ip == ip6_words(&cfg.dns_ip6) && port == cfg.dns_port;
-    let is_relay = relay && ip == ip6_words(&cfg.relay_ip6) && port == cfg.relay_port;
+    let is = |ip6: &[u8; 16], ip4: [u8; 4]| {
+        ip == ip6_words(ip6) || ip == ip6_words(&mapped(u32::from_ne_bytes(ip4)))
+    };
+    let is_dns = port == cfg.dns_port && is(&cfg.dns_ip6, cfg.dns_ip4);
+    let is_relay = relay && port == cfg.relay_port && is(&cfg.relay_ip6, cfg.relay_ip4);
     if !is_dns && !is_relay {
         return;
     }

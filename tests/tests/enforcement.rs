@@ -915,6 +915,18 @@ fn dns_answers_from_the_policy_and_logs_every_query() {
     assert_eq!(kv.get("answers").map(String::as_str), Some("1"));
     assert_eq!(kv.get("addr").map(String::as_str), Some("127.0.0.2"));
 
+    // From an IPv6 socket to an IPv4-mapped resolver address, the reply too
+    // seems to come from the resolver asked (resolvers check).
+    let mapped = dns_script("api.test")
+        .replace("socket.AF_INET,", "socket.AF_INET6,")
+        .replace("('127.0.0.53',53)", "('::ffff:127.0.0.53',53)");
+    let out = d.python("acme", &mapped);
+    assert!(
+        stdout(&out).contains("src ('::ffff:127.0.0.53', 53, 0, 0)"),
+        "{}",
+        text(&out)
+    );
+
     let entry = d.wait_for_log("acme", |e| {
         e["proto"] == "dns" && e["host"] == "blocked.test"
     });
