@@ -696,6 +696,25 @@ fn status_lists_the_worker_processes() {
     assert_eq!(worker["pid"], t.pid("hello"));
     assert_eq!(worker["requests"], 3);
     assert_eq!(worker["component"].as_str().unwrap().len(), 12);
+
+    // The table says the same.
+    let out = std::process::Command::new(interceptor_bin())
+        .args(["status", "--config"])
+        .arg(&t.d.config)
+        .output()
+        .unwrap();
+    let table = stdout(&out);
+    assert!(
+        table.contains("namespace customers on 127.0.0.1:"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "worker hello                pid {}",
+            t.pid("hello")
+        )),
+        "{table}"
+    );
 }
 
 #[test]

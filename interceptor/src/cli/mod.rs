@@ -250,5 +250,20 @@ fn status(config: Option<&Path>, json: bool) -> Result<i32, CliError> {
             c.open_connections
         );
     }
+    for ns in &status.dispatch {
+        println!(
+            "namespace {} on {} ({}): {} Worker process(es)",
+            ns.namespace,
+            ns.listen,
+            ns.workers_dir.display(),
+            ns.workers.len()
+        );
+        for w in &ns.workers {
+            println!(
+                "  worker {:<20} pid {:<8} requests {:<8} in flight {:<4} starts {:<4} component {}",
+                w.name, w.pid, w.requests, w.in_flight, w.starts, w.component
+            );
+        }
+    }
     Ok(0)
 }
