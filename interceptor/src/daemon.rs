@@ -159,6 +159,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         }
     }
     let upstream_pool = UpstreamPool::new(&settings.upstream_ca)?;
+    for key in config.keys_open_to_others() {
+        tracing::warn!("{}", crate::config::ExposedKey(key));
+    }
     if !matches!(crate::sandbox::isolation_ruleset(), Ok(Some(_))) {
         tracing::warn!(
             "this kernel has no Landlock: sandboxes are not kept from ptracing other processes of sandbox_user"

@@ -177,6 +177,11 @@ fn run(release: bool, config: &Path, args: &[OsString]) -> Result<ExitCode> {
         .join(if release { "release" } else { "debug" })
         .join("interceptor");
     if config == Path::new("examples/interceptor.toml") {
+        // Git keeps no file modes but the executable bit: the demo's signing key
+        // comes out readable by everyone, sandboxes included.
+        let key = root().join("examples/demo-jwt.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .with_context(|| format!("chmod 600 {}", key.display()))?;
         print_demo_tour(&bin);
     }
     let mut cmd = Command::new(&bin);

@@ -197,7 +197,14 @@ pub fn run_command(command: Command) -> Result<i32, CliError> {
 
 fn check(path: &Path) -> Result<i32, CliError> {
     match crate::config::load(path) {
-        Ok(_) => {
+        Ok(config) => {
+            for key in config.keys_open_to_others() {
+                eprintln!(
+                    "{}: warning: {}",
+                    path.display(),
+                    crate::config::ExposedKey(key)
+                );
+            }
             println!("{}: ok", path.display());
             Ok(0)
         }

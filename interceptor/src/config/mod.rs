@@ -112,6 +112,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// The JWT signing keys any user of the host can read, sandboxes included
+    /// (the file is readable by others and every directory above it is open to
+    /// them): a sandbox that reads one can mint the credentials itself.
+    pub fn keys_open_to_others(&self) -> Vec<&Path> {
+        use std::os::unix::fs::PermissionsExt;
+        let open = |path: &Path, bit: u32| {
+            std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & bit != 0)
+        };
+        self.outbound
+            .values()
+            .flat_map(|o| &o.inject)
+            .filter_map(|i| match &i.source {
+                InjectSource::Jwt(jwt) => Some(jwt.key_file.as_path()),
+                InjectSource::Value(_) => None,
+            })
+            .filter(|key| open(key, 0o004) && key.ancestors().skip(1).all(|dir| open(dir, 0o001)))
+            .collect()
+    }
+
     /// The `[resolve]` addresses for `host` (any case, trailing dot and port ignored).
     pub fn resolve_host(&self, host: &str) -> Option<&[IpAddr]> {
         match Host::parse(host)? {
@@ -350,3 +369,16 @@ impl ConfigError {
 
 #[cfg(test)]
 mod tests;
+
+/// A signing key any user can read, as `check` and `run` report it.
+pub struct ExposedKey<'a>(pub &'a Path);
+
+impl fmt::Display for ExposedKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "key_file {} is readable by every user, the sandboxes included (chmod 600 it)",
+            self.0.display()
+        )
+    }
+}

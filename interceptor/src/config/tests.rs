@@ -501,3 +501,24 @@ fn sandbox_user_must_exist_and_not_be_root() {
         );
     }
 }
+
+#[test]
+fn signing_keys_any_user_can_read_are_reported() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let key = dir.path().join("jwt.key");
+    std::fs::write(&key, "secret").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = "[outbound.e]\n[[outbound.e.inject]]\nhost = \"a.example\"\nheader = \"Authorization\"\n\
+                jwt = { algorithm = \"HS256\", key_file = \"jwt.key\" }\n";
+    let path = dir.path().join("c.toml");
+    let c = parse(text, &path).unwrap();
+    assert_eq!(c.keys_open_to_others(), [key.as_path()]);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(c.keys_open_to_others().is_empty());
+    // Readable, but in a directory others cannot enter.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(c.keys_open_to_others().is_empty());
+}
