@@ -510,7 +510,8 @@ fn signing_keys_any_user_can_read_are_reported() {
     let key = dir.path().join("jwt.key");
     std::fs::write(&key, "secret").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let text = "[outbound.e]\n[[outbound.e.inject]]\nhost = \"a.example\"\nheader = \"Authorization\"\n\
+    let text =
+        "[outbound.e]\n[[outbound.e.inject]]\nhost = \"a.example\"\nheader = \"Authorization\"\n\
                 jwt = { algorithm = \"HS256\", key_file = \"jwt.key\" }\n";
     let path = dir.path().join("c.toml");
     let c = parse(text, &path).unwrap();
