@@ -762,8 +762,8 @@ fn tls_is_judged_by_sni_and_relayed_untouched() {
     // A ClientHello split across two records (valid TLS) is judged by its SNI
     // all the same: the split must not hide a blocked name.
     let split = format!(
-        r"import socket, ssl
-def split_hello(host):
+        r"import socket, ssl, time
+def split_hello(host, pause=0):
     ctx=ssl.create_default_context(cafile='{ca}')
     inc,out=ssl.MemoryBIO(),ssl.MemoryBIO()
     tls=ctx.wrap_bio(inc,out,server_hostname=host)
@@ -775,7 +775,9 @@ def split_hello(host):
     head,body=hello[:3],hello[5:]
     record=lambda part: head+len(part).to_bytes(2,'big')+part
     s=socket.create_connection(('127.0.0.2',{port}),timeout=5)
-    s.sendall(record(body[:10])+record(body[10:]))
+    s.sendall(record(body[:10]))
+    time.sleep(pause)
+    s.sendall(record(body[10:]))
     try:
         while True:
             try:
@@ -804,6 +806,7 @@ def split_hello(host):
         return 'closed'
 print('allowed', split_hello('tls.test'))
 print('blocked', split_hello('blocked.test'))
+print('paused', split_hello('blocked.test', 1.5))
 ",
     );
     let before = tls.connections();
@@ -815,6 +818,8 @@ print('blocked', split_hello('blocked.test'))
         text(&out)
     );
     assert!(printed.contains("blocked closed"), "{}", text(&out));
+    // Nor does a pause between the pieces, past the 1 s a silent client gets.
+    assert!(printed.contains("paused closed"), "{}", text(&out));
     assert_eq!(
         tls.connections(),
         before + 1,
@@ -826,7 +831,7 @@ print('blocked', split_hello('blocked.test'))
         .into_iter()
         .filter(|e| e["proto"] == "tls" && e["host"] == "blocked.test")
         .count();
-    assert_eq!(blocked, 2, "{:#?}", d.logs("acme"));
+    assert_eq!(blocked, 3, "{:#?}", d.logs("acme"));
 }
 
 #[test]

@@ -12,9 +12,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 /// How long a client may stay silent before its connection is taken as opaque TCP
 /// (protocols where the server speaks first).
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(1000);
-/// The most read before deciding: a ClientHello may span several records, but
-/// not beyond this (it is taken as TLS without a readable SNI then).
+/// However it dribbles, a connection is decided this long after it came: a
+/// ClientHello must be whole by then (else it is unreadable, and closed).
+const SNIFF_DEADLINE: Duration = Duration::from_secs(10);
+/// The most read before deciding.
 const MAX_PREFIX: usize = 64 * 1024;
+/// A ClientHello longer than this, or split into more records, is unreadable:
+/// real ones are a few KiB in one record (a split to hide the SNI needs two).
+const MAX_HELLO: usize = MAX_PREFIX / 2;
+const MAX_HELLO_RECORDS: usize = 64;
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -33,9 +41,9 @@ const METHODS: &[&[u8]] = &[
 /// Classifies what is known so far; `None` means more bytes are needed.
 pub fn classify(prefix: &[u8]) -> Option<Protocol> {
     let first = *prefix.first()?;
-    if first == 0x16 {
-        return match client_hello(prefix) {
-            ClientHello::Partial if prefix.len() < MAX_PREFIX => None,
+    if first == TLS_HANDSHAKE {
+        return match hello_extent(prefix) {
+            HelloExtent::Partial if prefix.len() < MAX_PREFIX => None,
             _ => Some(Protocol::Tls),
         };
     }
@@ -51,62 +59,113 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
     }
 }
 
-/// The first handshake message of a TLS stream, as far as it has arrived.
+/// How much of the first handshake message of a TLS stream has arrived.
 #[derive(Debug, PartialEq, Eq)]
-pub enum ClientHello {
-    /// The whole message (header included), put back together from however
-    /// many records the client split it into (RFC 8446 §5.1 allows any split;
-    /// judging only the first record would let a split hide the SNI).
-    Whole(Vec<u8>),
-    /// More bytes are needed.
+enum HelloExtent {
+    Whole,
     Partial,
-    /// Not a handshake this relay can read.
+    /// Not a handshake this relay reads: another record type first, too long,
+    /// or split into too many records.
     Unreadable,
 }
 
-pub fn client_hello(prefix: &[u8]) -> ClientHello {
-    let mut message = Vec::new();
+/// Walks the records without copying them (it runs on every read of a
+/// connection still being sniffed, so it must stay cheap however the client
+/// splits its bytes).
+fn hello_extent(prefix: &[u8]) -> HelloExtent {
+    let mut header = [0u8; 4];
+    let mut seen = 0;
     let mut rest = prefix;
-    loop {
-        if let [_, a, b, c, ..] = message[..] {
-            let whole = 4 + u32::from_be_bytes([0, a, b, c]) as usize;
-            if message.len() >= whole {
-                message.truncate(whole);
-                return ClientHello::Whole(message);
+    for _ in 0..=MAX_HELLO_RECORDS {
+        if seen >= header.len() {
+            let whole = 4 + u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
+            if whole > MAX_HELLO {
+                return HelloExtent::Unreadable;
+            }
+            if seen >= whole {
+                return HelloExtent::Whole;
             }
         }
         match parse_tls_raw_record(rest) {
             Ok((after, record)) if record.hdr.record_type == TlsRecordType::Handshake => {
-                message.extend_from_slice(record.data);
+                for (i, &b) in record.data.iter().enumerate().take(header.len()) {
+                    if let Some(slot) = header.get_mut(seen + i) {
+                        *slot = b;
+                    }
+                }
+                seen += record.data.len();
                 rest = after;
             }
-            Err(tls_parser::Err::Incomplete(_)) => return ClientHello::Partial,
-            _ => return ClientHello::Unreadable,
+            Err(tls_parser::Err::Incomplete(_)) => return HelloExtent::Partial,
+            _ => return HelloExtent::Unreadable,
         }
     }
+    HelloExtent::Unreadable
+}
+/// The first handshake message of a TLS stream, put back together from however
+/// many records the client split it into (RFC 8446 §5.1 allows any split:
+/// judging only the first record would let a split hide the SNI); `None` when
+/// it is not whole and readable.
+pub fn client_hello(prefix: &[u8]) -> Option<Vec<u8>> {
+    if hello_extent(prefix) != HelloExtent::Whole {
+        return None;
+    }
+    let mut message = Vec::new();
+    let mut rest = prefix;
+    while let Ok((after, record)) = parse_tls_raw_record(rest) {
+        message.extend_from_slice(record.data);
+        let [_, a, b, c, ..] = message[..] else {
+            rest = after;
+            continue;
+        };
+        let whole = 4 + u32::from_be_bytes([0, a, b, c]) as usize;
+        if message.len() >= whole {
+            message.truncate(whole);
+            return Some(message);
+        }
+        rest = after;
+    }
+    None
 }
 
-/// Reads until the protocol is known, the client goes quiet, or it closes.
+/// Reads until the protocol is known, the client goes quiet or closes, or
+/// [`SNIFF_DEADLINE`] passes.
 pub async fn sniff<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<(Protocol, Vec<u8>)> {
+    let deadline = tokio::time::Instant::now() + SNIFF_DEADLINE;
     // Read straight into the prefix (no stack buffer: it would make every
     // connection's task that much larger to allocate and move).
     let mut prefix = Vec::with_capacity(4096);
+    // Once a connection has begun a TLS handshake it is TLS, however it ends:
+    // a ClientHello cut short, paused or too long is unreadable, and closed,
+    // never relayed as opaque bytes judged by address alone.
+    let undecided = |prefix: &Vec<u8>| {
+        if prefix.first() == Some(&TLS_HANDSHAKE) {
+            Protocol::Tls
+        } else {
+            Protocol::Opaque
+        }
+    };
     loop {
         if prefix.capacity() - prefix.len() < 1024 {
             prefix.reserve(4096);
         }
-        let n = match tokio::time::timeout(SNIFF_TIMEOUT, stream.read_buf(&mut prefix)).await {
+        let wait = if prefix.first() == Some(&TLS_HANDSHAKE) {
+            deadline
+        } else {
+            deadline.min(tokio::time::Instant::now() + SNIFF_TIMEOUT)
+        };
+        let n = match tokio::time::timeout_at(wait, stream.read_buf(&mut prefix)).await {
             Ok(read) => read?,
-            Err(_) => return Ok((Protocol::Opaque, prefix)),
+            Err(_) => return Ok((undecided(&prefix), prefix)),
         };
         if n == 0 {
-            return Ok((Protocol::Opaque, prefix));
+            return Ok((undecided(&prefix), prefix));
         }
         if let Some(protocol) = classify(&prefix) {
             return Ok((protocol, prefix));
         }
         if prefix.len() >= MAX_PREFIX {
-            return Ok((Protocol::Opaque, prefix));
+            return Ok((undecided(&prefix), prefix));
         }
     }
 }
@@ -217,17 +276,36 @@ mod tests {
             &[0x16, 3, 1, 0, 4, 3, 7, 8, 9][..],
         ]
         .concat();
-        assert_eq!(
-            client_hello(&split),
-            ClientHello::Whole(vec![1, 0, 0, 3, 7, 8, 9])
-        );
-        assert_eq!(client_hello(&split[..10]), ClientHello::Partial);
+        assert_eq!(client_hello(&split), Some(vec![1, 0, 0, 3, 7, 8, 9]));
+        assert_eq!(hello_extent(&split[..10]), HelloExtent::Partial);
+        assert_eq!(client_hello(&split[..10]), None);
         assert_eq!(classify(&split[..10]), None);
         assert_eq!(classify(&split), Some(Protocol::Tls));
         // Another record type before the message is whole: not readable, yet TLS.
         let interrupted = [&[0x16, 3, 1, 0, 2, 1, 0][..], &[0x17, 3, 3, 0, 1, 0][..]].concat();
-        assert_eq!(client_hello(&interrupted), ClientHello::Unreadable);
+        assert_eq!(hello_extent(&interrupted), HelloExtent::Unreadable);
         assert_eq!(classify(&interrupted), Some(Protocol::Tls));
+        // A message that says it is longer than any real ClientHello.
+        assert_eq!(
+            hello_extent(&[0x16, 3, 1, 0, 4, 1, 1, 0, 0]),
+            HelloExtent::Unreadable
+        );
+        // One-byte records, more of them than a ClientHello is ever split into.
+        let mut dribbled = vec![0x16, 3, 1, 0, 4, 1, 0, 0x10, 0];
+        for _ in 0..MAX_HELLO_RECORDS {
+            dribbled.extend_from_slice(&[0x16, 3, 1, 0, 1, 0]);
+        }
+        assert_eq!(hello_extent(&dribbled), HelloExtent::Unreadable);
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_that_stalls_is_tls_not_opaque() {
+        // Half a ClientHello, then the client closes: still TLS (unreadable).
+        let mut stalled: &[u8] = &[0x16, 3, 1, 0, 6, 1, 0, 0, 3, 7];
+        let (protocol, _) = sniff(&mut stalled).await.unwrap();
+        assert_eq!(protocol, Protocol::Tls);
+        let mut other: &[u8] = b"GE";
+        assert_eq!(sniff(&mut other).await.unwrap().0, Protocol::Opaque);
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::http::elapsed_ms;
-use super::sniff::{client_hello, ClientHello, Prefixed};
+use super::sniff::{client_hello, Prefixed};
 use super::upstream::{self, Refusal};
 use super::{copy_until_stopped, Connection, RelayContext};
 use crate::logs::{LogEntry, Proto, Verdict};
@@ -25,24 +25,39 @@ use crate::policy::{Action, Decision};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The SNI host name of the ClientHello that opens a TLS stream, if it has one.
-pub fn client_hello_sni(prefix: &[u8]) -> Option<String> {
-    let ClientHello::Whole(message) = client_hello(prefix) else {
-        return None;
+/// What the ClientHello that opens a TLS stream says of where it goes.
+pub enum HelloName {
+    Sni(String),
+    /// A readable ClientHello without a host name.
+    NoSni,
+    /// Cut short, paused past the sniff deadline, too long, or malformed: it
+    /// could hide any name, so it is refused whatever the default.
+    Unreadable,
+}
+
+pub fn client_hello_name(prefix: &[u8]) -> HelloName {
+    let Some(message) = client_hello(prefix) else {
+        return HelloName::Unreadable;
     };
-    let (_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello))) =
-        parse_tls_message_handshake(&message).ok()?
+    let Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) =
+        parse_tls_message_handshake(&message)
     else {
-        return None;
+        return HelloName::Unreadable;
     };
-    let (_, extensions) = parse_tls_extensions(hello.ext?).ok()?;
-    extensions.into_iter().find_map(|ext| match ext {
+    let Some(ext) = hello.ext else {
+        return HelloName::NoSni;
+    };
+    let Ok((_, extensions)) = parse_tls_extensions(ext) else {
+        return HelloName::Unreadable;
+    };
+    let name = extensions.into_iter().find_map(|ext| match ext {
         TlsExtension::SNI(names) => names
             .into_iter()
             .find(|(kind, _)| *kind == SNIType::HostName)
             .and_then(|(_, name)| std::str::from_utf8(name).ok().map(str::to_ascii_lowercase)),
         _ => None,
-    })
+    });
+    name.map_or(HelloName::NoSni, HelloName::Sni)
 }
 
 pub async fn relay_tls(
@@ -50,12 +65,12 @@ pub async fn relay_tls(
     conn: Connection,
     ctx: Arc<RelayContext>,
     started: Instant,
-    hello: Option<String>,
+    hello: HelloName,
 ) {
     let policy = &conn.sandbox.tenant.policy;
     let port = conn.dst.port();
     let (decision, target) = match &hello {
-        Some(sni) => {
+        HelloName::Sni(sni) => {
             let decision = policy.decide_host(sni);
             if decision.action == Action::Block {
                 (decision, None)
@@ -84,13 +99,16 @@ pub async fn relay_tls(
         // Without SNI there is no host an allow rule could match: under a default of
         // block that holds whatever the address (SPEC §5); else the dialled address
         // is all there is to judge.
-        None => match conn.sandbox.tenant.policy.default_action() {
+        HelloName::NoSni => match conn.sandbox.tenant.policy.default_action() {
             Action::Block => (Decision::block("default:block"), None),
             Action::Allow => judge_address(&conn, &ctx),
         },
+        HelloName::Unreadable => (Decision::block("tls:unreadable"), None),
     };
     let mut entry = conn.entry(Proto::Tls, &decision, Verdict::Allow);
-    entry.host = hello;
+    if let HelloName::Sni(sni) = hello {
+        entry.host = Some(sni);
+    }
     pipe(stream, &conn, &ctx, entry, target, started).await;
 }
 
