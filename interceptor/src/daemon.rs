@@ -122,19 +122,41 @@ fn own_cgroup(mount: &Path) -> Option<PathBuf> {
     Some(mount.join(path.trim_start_matches('/')))
 }
 
+/// Where the daemon serving a subtree holds its lock: root's alone (a lock
+/// others could open, they could hold, and keep the daemon from restarting).
+const LOCK_DIR: &str = "/run/interceptor/locks";
+
 /// Holds the subtree for this daemon as long as the returned file is open. A
 /// second daemon on it would swap in programs that redirect this one's
 /// sandboxes to its own relay, and leave them failing when it stops.
 fn hold_subtree(root: &Path) -> Result<std::fs::File, DaemonError> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let err = |source| DaemonError::Subtree {
         path: root.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(root).map_err(err)?;
-    let dir = std::fs::File::open(root).map_err(err)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(LOCK_DIR)
+        .and_then(|()| {
+            std::fs::set_permissions(LOCK_DIR, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(err)?;
+    let name = root
+        .to_string_lossy()
+        .replace('%', "%25")
+        .replace('/', "%2F");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(Path::new(LOCK_DIR).join(format!("{name}.lock")))
+        .map_err(err)?;
     // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();
         return Err(if e.kind() == io::ErrorKind::WouldBlock {
             DaemonError::SubtreeInUse(root.to_path_buf())
@@ -142,7 +164,7 @@ fn hold_subtree(root: &Path) -> Result<std::fs::File, DaemonError> {
             err(e)
         });
     }
-    Ok(dir)
+    Ok(lock)
 }
 
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
