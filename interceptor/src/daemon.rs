@@ -140,9 +140,7 @@ fn hold_subtree(root: &Path) -> Result<std::fs::File, DaemonError> {
         .recursive(true)
         .mode(0o700)
         .create(LOCK_DIR)
-        .and_then(|()| {
-            std::fs::set_permissions(LOCK_DIR, std::fs::Permissions::from_mode(0o700))
-        })
+        .and_then(|()| std::fs::set_permissions(LOCK_DIR, std::fs::Permissions::from_mode(0o700)))
         .map_err(err)?;
     let name = root
         .to_string_lossy()

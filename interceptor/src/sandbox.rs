@@ -13,7 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 /// `struct landlock_ruleset_attr` (linux/landlock.h); the kernel reads as much
@@ -26,18 +26,24 @@ struct LandlockRulesetAttr {
 }
 
 const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1 << 0;
-const LANDLOCK_ACCESS_FS_MAKE_CHAR: u64 = 1 << 6;
-const LANDLOCK_ACCESS_FS_MAKE_BLOCK: u64 = 1 << 11;
+const LANDLOCK_ACCESS_FS_REFER: u64 = 1 << 13;
+const LANDLOCK_RULE_PATH_BENEATH: u32 = 1;
 const LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
 const LANDLOCK_SCOPE_SIGNAL: u64 = 1 << 1;
 
+/// `struct landlock_path_beneath_attr` (packed in the kernel's header too).
+#[repr(C, packed)]
+struct LandlockPathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
 /// The Landlock ruleset a sandbox's first process restricts itself with, or
-/// `None` where the kernel has no Landlock (the sandbox then has its cgroup and
-/// uid, but not the isolation above; the daemon warns at start).
+/// `None` where the kernel has no usable Landlock (the sandbox then has its
+/// cgroup and uid, but not the isolation above; the daemon warns at start).
 ///
-/// It confines nothing the sandbox could do anyway: on the file system it only
-/// forbids making device nodes, which an unprivileged process cannot. What
-/// matters is the domain it creates.
+/// It confines nothing on the file system. What matters is the domain it
+/// creates (and, from ABI 6, the scopes).
 pub fn isolation_ruleset() -> io::Result<Option<OwnedFd>> {
     // SAFETY: the version query takes no attribute.
     let abi = unsafe {
@@ -48,18 +54,33 @@ pub fn isolation_ruleset() -> io::Result<Option<OwnedFd>> {
             LANDLOCK_CREATE_RULESET_VERSION,
         )
     };
-    if abi < 1 {
-        return Ok(None);
-    }
-    let attr = LandlockRulesetAttr {
-        handled_access_fs: LANDLOCK_ACCESS_FS_MAKE_CHAR | LANDLOCK_ACCESS_FS_MAKE_BLOCK,
-        handled_access_net: 0,
-        scoped: LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL,
-    };
-    let size = match abi {
-        1..=3 => std::mem::size_of::<u64>(),
-        4 | 5 => 2 * std::mem::size_of::<u64>(),
-        _ => std::mem::size_of::<LandlockRulesetAttr>(),
+    ruleset_for_abi(abi)
+}
+
+fn ruleset_for_abi(abi: i64) -> io::Result<Option<OwnedFd>> {
+    let (attr, size) = match abi {
+        // ABI 1 forbids every cross-directory rename and link once a domain
+        // exists: too much to impose on programs.
+        ..=1 => return Ok(None),
+        // Handling any file-system right makes Landlock refuse cross-directory
+        // renames and links (REFER) unless a rule grants it: handled, and
+        // granted below `/`.
+        2..=5 => (
+            LandlockRulesetAttr {
+                handled_access_fs: LANDLOCK_ACCESS_FS_REFER,
+                handled_access_net: 0,
+                scoped: 0,
+            },
+            if abi < 4 { 8 } else { 16 },
+        ),
+        _ => (
+            LandlockRulesetAttr {
+                handled_access_fs: 0,
+                handled_access_net: 0,
+                scoped: LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL,
+            },
+            std::mem::size_of::<LandlockRulesetAttr>(),
+        ),
     };
     // SAFETY: `attr` is a valid landlock_ruleset_attr of at least `size` bytes.
     let fd = unsafe {
@@ -74,7 +95,28 @@ pub fn isolation_ruleset() -> io::Result<Option<OwnedFd>> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this descriptor to us alone.
-    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+    let ruleset = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    if attr.handled_access_fs & LANDLOCK_ACCESS_FS_REFER != 0 {
+        let root = File::open("/")?;
+        let beneath = LandlockPathBeneathAttr {
+            allowed_access: LANDLOCK_ACCESS_FS_REFER,
+            parent_fd: root.as_raw_fd(),
+        };
+        // SAFETY: valid descriptors and a valid rule attribute.
+        let added = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_add_rule,
+                ruleset.as_raw_fd(),
+                LANDLOCK_RULE_PATH_BENEATH,
+                &beneath as *const LandlockPathBeneathAttr,
+                0u32,
+            )
+        };
+        if added != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(Some(ruleset))
 }
 
 /// Opens `<cgroup>/cgroup.procs` for [`enter`]. Call it as root, before the
@@ -129,4 +171,57 @@ pub unsafe fn enter(
         return fail();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// Whatever the ABI, the domain keeps its process from reaching its parent
+    /// and leaves cross-directory renames alone.
+    #[test]
+    fn each_ruleset_makes_a_domain_that_still_renames_across_directories() {
+        // SAFETY: the version query takes no attribute.
+        let abi = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                std::ptr::null::<LandlockRulesetAttr>(),
+                0usize,
+                LANDLOCK_CREATE_RULESET_VERSION,
+            )
+        };
+        if abi < 6 {
+            eprintln!("Landlock ABI {abi}: the ABI 2-5 and 6+ rulesets need a kernel with ABI 6");
+            return;
+        }
+        for abi in [2, 4, abi] {
+            let dir = tempfile::tempdir().unwrap();
+            let ruleset = ruleset_for_abi(abi).unwrap().expect("a ruleset");
+            let fd = ruleset.as_raw_fd();
+            let script = "import ctypes,os\n\
+                os.makedirs('a');os.makedirs('b');open('a/f','w').close()\n\
+                os.rename('a/f','b/f');os.link('b/f','a/g');print('renamed')\n\
+                libc=ctypes.CDLL(None,use_errno=True)\n\
+                print('ptrace', libc.ptrace(16,os.getppid(),0,0))\n";
+            let mut cmd = std::process::Command::new("python3");
+            cmd.args(["-c", script]).current_dir(dir.path());
+            // SAFETY: only async-signal-safe system calls.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                        || libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let out = cmd.output().unwrap();
+            let printed = String::from_utf8_lossy(&out.stdout);
+            let why = String::from_utf8_lossy(&out.stderr);
+            assert!(printed.contains("renamed"), "ABI {abi}: {printed}{why}");
+            assert!(printed.contains("ptrace -1"), "ABI {abi}: {printed}{why}");
+        }
+    }
 }

@@ -1147,6 +1147,7 @@ def probe(name,pid):
         os.kill(pid,0);print(name,'signal ok')
     except OSError as e:
         print(name,'signal',e.strerror)
+print('abi', libc.syscall(444,None,0,1))
 probe('outside',{outside})
 probe('other',{other})
 child=os.fork()
@@ -1164,8 +1165,19 @@ os.kill(child,9)
     let _ = outside.wait();
     let _ = other.wait();
     let printed = stdout(&out);
+    // Signals are kept in from Landlock ABI 6 (Linux 6.12) on.
+    let abi: i64 = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("abi "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let kept_in: &[&str] = if abi >= 6 {
+        &["ptrace", "mem", "getfd", "signal"]
+    } else {
+        &["ptrace", "mem", "getfd"]
+    };
     for who in ["outside", "other"] {
-        for what in ["ptrace", "mem", "getfd", "signal"] {
+        for what in kept_in {
             let line = printed
                 .lines()
                 .find(|l| l.starts_with(&format!("{who} {what} ")))
