@@ -179,7 +179,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         }
     }
     let upstream_pool = UpstreamPool::new(&settings.upstream_ca)?;
-    for key in config.keys_open_to_others() {
+    for key in config.keys_open_to_sandboxes() {
         tracing::warn!("{}", crate::config::ExposedKey(key));
     }
     if !matches!(crate::sandbox::isolation_ruleset(), Ok(Some(_))) {
@@ -505,15 +505,13 @@ impl Handler for AdminHandler {
                 let mut status = self.status.clone();
                 status.tenants = self.recorder.counters();
                 status.dispatch = self.dispatchers.status();
-                for tenant in self.sandboxes.tenants() {
+                let workers = self.sandboxes.worker_tenants();
+                for tenant in self.sandboxes.tenants().chain(&workers) {
                     status
                         .tenants
                         .entry(tenant.id.0.clone())
                         .or_default()
-                        .open_connections = tenant
-                        .open_connections
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        as u64;
+                        .open_connections += tenant.open_connections() as u64;
                 }
                 status.attached = ebpf::attached_programs(&status.cgroup)
                     .unwrap_or_default()

@@ -40,8 +40,7 @@ pub struct Tenant {
     pub params: Params,
     /// The tenant's outbound Worker (an allow-all one when it names none).
     pub policy: Arc<OutboundPolicy>,
-    /// Relay connections its sandboxes hold open now.
-    pub open_connections: AtomicUsize,
+    open_connections: AtomicUsize,
 }
 
 impl Tenant {
@@ -63,6 +62,11 @@ impl Tenant {
             return None;
         }
         Some(OpenConnection(self.clone()))
+    }
+
+    /// Relay connections its sandboxes hold open now.
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Relaxed)
     }
 }
 
@@ -146,6 +150,15 @@ impl SandboxRegistry {
         self.tenants.values()
     }
 
+    /// The tenants of the User Workers that have run.
+    pub fn worker_tenants(&self) -> Vec<Arc<Tenant>> {
+        self.read()
+            .values()
+            .filter(|s| s.worker.is_some())
+            .map(|s| s.tenant.clone())
+            .collect()
+    }
+
     /// The sandbox a cgroup id belongs to, or `None` for a cgroup outside every tenant.
     pub fn lookup(&self, cgroup_id: u64) -> Option<Arc<Sandbox>> {
         if let Some(found) = self.read().get(&cgroup_id) {
@@ -191,6 +204,13 @@ impl SandboxRegistry {
         let dir = self.root.join(&worker.namespace).join(&worker.name);
         fs::create_dir_all(&dir).map_err(cgroup_err(&dir))?;
         let id = cgroup_id(&dir).map_err(cgroup_err(&dir))?;
+        // A restarted Worker keeps its sandbox: the connections its previous
+        // process left open still count against it.
+        if let Some(known) = self.read().get(&id) {
+            if known.worker.as_ref() == Some(worker) {
+                return Ok(known.clone());
+            }
+        }
         let sandbox = Arc::new(Sandbox {
             tenant: Arc::new(Tenant::new(
                 TenantId(worker.name.clone()),

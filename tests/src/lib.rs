@@ -204,6 +204,17 @@ impl Daemon {
         self.exec(tenant, &[], &["python3", "-c", script])
     }
 
+    /// `interceptor status --json` of this daemon.
+    pub fn status(&self) -> Value {
+        let out = Command::new(interceptor_bin())
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).expect("status --json")
+    }
+
     /// Every entry of the tenant's log so far.
     pub fn logs(&self, tenant: &str) -> Vec<Value> {
         let path = self.log_dir.join(format!("{tenant}.jsonl"));

@@ -143,13 +143,7 @@ impl Dispatch {
     }
 
     fn status(&self) -> Value {
-        let out = std::process::Command::new(interceptor_bin())
-            .args(["status", "--json", "--config"])
-            .arg(&self.d.config)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        serde_json::from_slice(&out.stdout).unwrap()
+        self.d.status()
     }
 }
 

@@ -455,12 +455,7 @@ print('again', request(socket.create_connection(('127.0.0.2',{port}),timeout=5))
         "{printed}"
     );
     assert_eq!(api.requests().len(), 4, "the fifth connection was relayed");
-    let out = std::process::Command::new(interceptor_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&d.config)
-        .output()
-        .unwrap();
-    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let status = d.status();
     assert_eq!(
         status["tenants"]["acme"]["open_connections"], 4,
         "{status:#}"
@@ -499,6 +494,14 @@ print('again', request(socket.create_connection(('127.0.0.2',{port}),timeout=5))
     let refused = d.wait_for_log("acme", |e| e["rule"] == "limit:connections");
     assert_eq!(refused["decision"], "block");
     assert_eq!(refused["dst"], format!("127.0.0.2:{}", api.port()));
+
+    // Every connection is given back once it ends.
+    let open = || d.status()["tenants"]["acme"]["open_connections"].as_u64();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while open() != Some(0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(open(), Some(0));
 }
 
 /// A WebSocket handshake is judged and injected like any request; once the upstream
@@ -1282,12 +1285,7 @@ fn sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over(
     );
     assert_eq!(status, "200", "{body}");
     // The restarted daemon replaced its predecessor's programs instead of stacking.
-    let out = std::process::Command::new(interceptor_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&d.config)
-        .output()
-        .unwrap();
-    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let status = d.status();
     let connect4 = status["attached"]
         .as_array()
         .unwrap()

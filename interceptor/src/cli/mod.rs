@@ -198,7 +198,7 @@ pub fn run_command(command: Command) -> Result<i32, CliError> {
 fn check(path: &Path) -> Result<i32, CliError> {
     match crate::config::load(path) {
         Ok(config) => {
-            for key in config.keys_open_to_others() {
+            for key in config.keys_open_to_sandboxes() {
                 eprintln!(
                     "{}: warning: {}",
                     path.display(),

@@ -112,13 +112,24 @@ pub struct Config {
 }
 
 impl Config {
-    /// The JWT signing keys any user of the host can read, sandboxes included
-    /// (the file is readable by others and every directory above it is open to
-    /// them): a sandbox that reads one can mint the credentials itself.
-    pub fn keys_open_to_others(&self) -> Vec<&Path> {
-        use std::os::unix::fs::PermissionsExt;
-        let open = |path: &Path, bit: u32| {
-            std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & bit != 0)
+    /// The JWT signing keys the sandbox user can read (by the file's mode, for
+    /// others, or for its owner or group when that is the sandbox user's, and
+    /// every directory above it open to it the same way): a sandbox that reads
+    /// one can mint the credentials itself.
+    pub fn keys_open_to_sandboxes(&self) -> Vec<&Path> {
+        use std::os::unix::fs::MetadataExt;
+        let user = nix::unistd::User::from_name(&self.interceptor.sandbox_user)
+            .ok()
+            .flatten();
+        let (uid, gid) = user.map_or((u32::MAX, u32::MAX), |u| (u.uid.as_raw(), u.gid.as_raw()));
+        // `bits`: the read (4) or search (1) bit, as for "others".
+        let open = |path: &Path, bits: u32| {
+            std::fs::metadata(path).is_ok_and(|m| {
+                let mode = m.mode();
+                mode & bits != 0
+                    || (m.uid() == uid && mode & (bits << 6) != 0)
+                    || (m.gid() == gid && mode & (bits << 3) != 0)
+            })
         };
         self.outbound
             .values()
@@ -127,7 +138,7 @@ impl Config {
                 InjectSource::Jwt(jwt) => Some(jwt.key_file.as_path()),
                 InjectSource::Value(_) => None,
             })
-            .filter(|key| open(key, 0o004) && key.ancestors().skip(1).all(|dir| open(dir, 0o001)))
+            .filter(|key| open(key, 0o4) && key.ancestors().skip(1).all(|dir| open(dir, 0o1)))
             .collect()
     }
 
@@ -377,7 +388,7 @@ impl fmt::Display for ExposedKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "key_file {} is readable by every user, the sandboxes included (chmod 600 it)",
+            "key_file {} is readable by the sandbox user, so by every sandbox (chmod 600 it, owned by root)",
             self.0.display()
         )
     }

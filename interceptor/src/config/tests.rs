@@ -503,7 +503,7 @@ fn sandbox_user_must_exist_and_not_be_root() {
 }
 
 #[test]
-fn signing_keys_any_user_can_read_are_reported() {
+fn signing_keys_the_sandbox_user_can_read_are_reported() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -515,11 +515,18 @@ fn signing_keys_any_user_can_read_are_reported() {
                 jwt = { algorithm = \"HS256\", key_file = \"jwt.key\" }\n";
     let path = dir.path().join("c.toml");
     let c = parse(text, &path).unwrap();
-    assert_eq!(c.keys_open_to_others(), [key.as_path()]);
+    assert_eq!(c.keys_open_to_sandboxes(), [key.as_path()]);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert!(c.keys_open_to_others().is_empty());
+    assert!(c.keys_open_to_sandboxes().is_empty());
+    // Owned by the sandbox user, 0600 opens it to every sandbox all the same.
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(&key, Some(nobody.uid.as_raw()), None).unwrap();
+        assert_eq!(c.keys_open_to_sandboxes(), [key.as_path()]);
+        std::os::unix::fs::chown(&key, Some(0), None).unwrap();
+    }
     // Readable, but in a directory others cannot enter.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    assert!(c.keys_open_to_others().is_empty());
+    assert!(c.keys_open_to_sandboxes().is_empty());
 }

@@ -247,10 +247,13 @@ impl RequestTarget {
             .as_str()
             .strip_prefix(authority.host())
             .and_then(|rest| rest.strip_prefix(':'));
-        let port = match port_text.map(str::parse::<u16>) {
-            None => default_port,
-            Some(Ok(port)) if port != 0 => port,
-            Some(_) => return Err("invalid port"),
+        // An empty port is the default one (RFC 3986 §3.2.3); otherwise digits only.
+        let port = match port_text {
+            None | Some("") => default_port,
+            Some(text) => match text.parse::<u16>() {
+                Ok(port) if port != 0 && text.bytes().all(|b| b.is_ascii_digit()) => port,
+                _ => return Err("invalid port"),
+            },
         };
         let path = req
             .uri()
@@ -366,7 +369,7 @@ async fn handle_request(
                 // Never send a half-filled credential: the request stops here.
                 let failed = Decision {
                     action: Action::Block,
-                    rule: format!("inject:{e}"),
+                    rule: format!("inject:{}", injection.header()),
                 };
                 let mut entry = new_entry(&failed, Verdict::Error);
                 entry.status = Some(502);

@@ -290,10 +290,7 @@ fn refuse_over_limit(ctx: &RelayContext, sandbox: &Sandbox, dst: SocketAddr, pid
         .with_decision(Verdict::Block, "limit:connections");
     entry.error = Some(format!(
         "the tenant already holds {} relay connections",
-        sandbox
-            .tenant
-            .open_connections
-            .load(std::sync::atomic::Ordering::Relaxed)
+        sandbox.tenant.open_connections()
     ));
     ctx.recorder
         .record(&entry, sandbox.tenant.policy.log_enabled());

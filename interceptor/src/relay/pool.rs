@@ -25,12 +25,16 @@ use tokio_rustls::TlsConnector;
 use super::body::Metered;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections kept per (address, server name) and relay thread, in use or
-/// idle: enough that a few hundred concurrent requests reuse connections
-/// instead of opening one each (32 made 128 concurrent clients cost a new
-/// upstream connection per request), few enough that an idle pool stays a few
-/// MiB (about 18 KiB per connection).
+/// Connections parked per (address, server name) and relay thread, idle or
+/// still streaming a response: enough that a few hundred concurrent requests
+/// reuse connections instead of opening one each (32 made 128 concurrent
+/// clients cost a new upstream connection per request), few enough that an
+/// idle pool stays a few MiB (about 18 KiB per connection).
 const MAX_PARKED: usize = 256;
+/// Connections parked per relay thread over all upstreams: requests to many
+/// hosts must not pile up descriptors either. Past it, a connection is closed
+/// after its response instead of parked.
+const MAX_PARKED_TOTAL: usize = 4096;
 /// A connection unused this long is closed: the pool shrinks back after a burst.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -42,6 +46,8 @@ type PoolKey = (SocketAddr, Option<String>);
 /// reusable when hyper says it is ready (the response body is done).
 struct Parked {
     sender: SendRequest<Body>,
+    /// When it was parked: a response streaming longer than [`IDLE_TIMEOUT`]
+    /// loses its connection's place when it ends.
     since: Instant,
 }
 
@@ -166,6 +172,9 @@ impl UpstreamPool {
     fn park(&self, key: PoolKey, sender: SendRequest<Body>) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.values().map(VecDeque::len).sum::<usize>() >= MAX_PARKED_TOTAL {
+            return;
+        }
         let parked = idle.entry(key).or_default();
         if parked.len() >= MAX_PARKED {
             parked.retain(|p| !p.sender.is_closed());
