@@ -45,16 +45,20 @@ struct LandlockPathBeneathAttr {
 /// It confines nothing on the file system. What matters is the domain it
 /// creates (and, from ABI 6, the scopes).
 pub fn isolation_ruleset() -> io::Result<Option<OwnedFd>> {
+    ruleset_for_abi(landlock_abi())
+}
+
+/// The kernel's Landlock ABI version; 0 or less without Landlock.
+fn landlock_abi() -> i64 {
     // SAFETY: the version query takes no attribute.
-    let abi = unsafe {
+    unsafe {
         libc::syscall(
             libc::SYS_landlock_create_ruleset,
             std::ptr::null::<LandlockRulesetAttr>(),
             0usize,
             LANDLOCK_CREATE_RULESET_VERSION,
         )
-    };
-    ruleset_for_abi(abi)
+    }
 }
 
 fn ruleset_for_abi(abi: i64) -> io::Result<Option<OwnedFd>> {
@@ -182,15 +186,7 @@ mod tests {
     /// and leaves cross-directory renames alone.
     #[test]
     fn each_ruleset_makes_a_domain_that_still_renames_across_directories() {
-        // SAFETY: the version query takes no attribute.
-        let abi = unsafe {
-            libc::syscall(
-                libc::SYS_landlock_create_ruleset,
-                std::ptr::null::<LandlockRulesetAttr>(),
-                0usize,
-                LANDLOCK_CREATE_RULESET_VERSION,
-            )
-        };
+        let abi = landlock_abi();
         if abi < 6 {
             eprintln!("Landlock ABI {abi}: the ABI 2-5 and 6+ rulesets need a kernel with ABI 6");
             return;
