@@ -360,6 +360,11 @@ for name,data in [('crlf',b'\r\n\r\nGET /crlf HTTP/1.1\r\nHost: blocked.test\r\n
         "{}",
         text(&out)
     );
+    // Refused by the HTTP server before any request was read, and logged.
+    let refused = d.wait_for_log("acme", |e| {
+        e["rule"] == "bad-request" && e["error"].as_str().unwrap_or("").contains("HTTP2")
+    });
+    assert_eq!(refused["decision"], "error");
     assert_eq!(api.requests().len(), 3, "{:?}", api.requests());
 }
 

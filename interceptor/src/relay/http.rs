@@ -49,6 +49,8 @@ const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
 pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<RelayContext>) {
     let conn = Arc::new(conn);
+    let (served_conn, served_ctx) = (conn.clone(), ctx.clone());
+    let started = Instant::now();
     let shutdown = ctx.shutdown.clone();
     let socket = ClientSocket::new(stream);
     let mode = socket.mode.clone();
@@ -92,8 +94,17 @@ pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<Relay
             http.await
         }
     };
-    if let Err(e) = result {
-        tracing::debug!("relay http connection: {e}");
+    match result {
+        // A request the HTTP server could not read (HTTP/2 with prior knowledge
+        // among them) never reached the service: logged here, or not at all.
+        Err(e) if e.is_parse() || e.is_parse_too_large() => {
+            let refused = Decision::block("bad-request");
+            let mut entry = served_conn.entry(Proto::Http, &refused, Verdict::Error);
+            entry.error = Some(e.to_string());
+            finish(&served_ctx, &served_conn, entry, started);
+        }
+        Err(e) => tracing::debug!("relay http connection: {e}"),
+        Ok(()) => {}
     }
 }
 
