@@ -277,16 +277,40 @@ fn redirect6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
 /// sandbox bound there would keep the restarted daemon from listening, and
 /// receive the connections the hooks send there.
 #[inline(always)]
+fn guarded_port(port: u16) -> bool {
+    config().is_some_and(|cfg| port != 0 && (port == cfg.relay_port || port == cfg.dns_port))
+}
+
+#[inline(always)]
 fn guard_bind(ctx: &SockAddrContext) -> i32 {
-    let Some(cfg) = config() else {
-        return ALLOW;
-    };
-    let port = read_user_port(ctx.sock_addr);
-    if port != 0 && (port == cfg.relay_port || port == cfg.dns_port) {
+    if guarded_port(read_user_port(ctx.sock_addr)) {
         REFUSE
     } else {
         ALLOW
     }
+}
+
+/// The same for a port the kernel picked itself (`bind` to port 0, `listen` or
+/// `connect` without `bind`): the bind hooks never see those.
+#[inline(always)]
+fn guard_bound(ctx: &SockContext) -> i32 {
+    // SAFETY: `ctx.sock` is the program's context; `src_port` is in host order.
+    let port = unsafe { rd(addr_of!((*ctx.sock).src_port)) } as u16;
+    if guarded_port(port) {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn icpt_postbind4(ctx: SockContext) -> i32 {
+    guard_bound(&ctx)
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn icpt_postbind6(ctx: SockContext) -> i32 {
+    guard_bound(&ctx)
 }
 
 #[cgroup_sock_addr(bind4)]

@@ -1245,12 +1245,17 @@ fn sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over(
     // relay's or the DNS listener's port (which would keep the daemon from
     // coming back, and collect what the hooks send there).
     let script = format!(
-        "import os,socket,time\nwhile not os.path.exists('{go}'): time.sleep(0.02)\n\
+        "import os,socket,struct,time\nwhile not os.path.exists('{go}'): time.sleep(0.02)\n\
          try:\n  socket.create_connection(('127.0.0.2',{port}),timeout=3)\n  print('connected')\n\
          except OSError as e:\n  print('failed', e)\n\
          for kind, p in [(socket.SOCK_STREAM, {relay}), (socket.SOCK_DGRAM, {dns})]:\n\
          \x20 try:\n    socket.socket(socket.AF_INET, kind).bind(('127.0.0.1', p))\n    print('bound', p)\n\
-         \x20 except OSError as e:\n    print('bind refused', e.errno)\n",
+         \x20 except OSError as e:\n    print('bind refused', e.errno)\n\
+         s=socket.socket()\n\
+         try:\n  s.setsockopt(socket.IPPROTO_IP, 51, struct.pack('=I', ({relay} << 16) | {relay}))\n\
+         except OSError:\n  print('no port range')\n\
+         try:\n  s.bind(('127.0.0.1', 0))\n  print('picked', s.getsockname()[1])\n\
+         except OSError as e:\n  print('pick refused', e.errno)\n",
         go = go.display(),
         relay = d.relay_port,
         dns = d.dns_port,
@@ -1272,6 +1277,11 @@ fn sandboxed_connections_fail_while_the_daemon_is_dead_and_a_restart_takes_over(
         "{}",
         text(&out)
     );
+    // Nor can it have the kernel pick that port for it (IP_LOCAL_PORT_RANGE
+    // narrowed to the relay's port, then bind to port 0; Linux 6.3+).
+    if !stdout(&out).contains("no port range") {
+        assert!(stdout(&out).contains("pick refused 1"), "{}", text(&out));
+    }
     assert_eq!(
         api.connections(),
         0,

@@ -374,14 +374,14 @@ fn restart_replaces_programs_and_exit_fails_closed() {
     let mut first = Enforcement::load(&targets).expect("load");
     first.attach(&cgroup.path).expect("attach");
     let before = attached_programs(&cgroup.path).unwrap();
-    assert_eq!(before.len(), 13, "{before:#?}");
+    assert_eq!(before.len(), 15, "{before:#?}");
     assert!(before.iter().all(|p| p.name.starts_with("icpt_")));
 
     // A second instance (a restarted daemon) swaps its programs in place.
     let mut second = Enforcement::load(&targets).expect("load again");
     second.attach(&cgroup.path).expect("attach again");
     let after = attached_programs(&cgroup.path).unwrap();
-    assert_eq!(after.len(), 13, "replaced, not added: {after:#?}");
+    assert_eq!(after.len(), 15, "replaced, not added: {after:#?}");
     for (old, new) in before.iter().zip(&after) {
         assert_eq!(old.attach_type, new.attach_type);
         assert_eq!(old.name, new.name);

@@ -180,6 +180,8 @@ enum AttachType {
     Bind4 = 8,
     Bind6 = 9,
     Connect4 = 10,
+    PostBind4 = 12,
+    PostBind6 = 13,
     Connect6 = 11,
     Sendmsg4 = 14,
     Sendmsg6 = 15,
@@ -197,6 +199,8 @@ impl AttachType {
             Self::SockOps => "sock_ops",
             Self::Bind4 => "bind4",
             Self::Bind6 => "bind6",
+            Self::PostBind4 => "post_bind4",
+            Self::PostBind6 => "post_bind6",
             Self::Connect4 => "connect4",
             Self::Connect6 => "connect6",
             Self::Sendmsg4 => "sendmsg4",
@@ -248,6 +252,14 @@ const PROGRAMS: &[ProgramSpec] = &[
     ProgramSpec {
         name: "icpt_bind6",
         attach_type: AttachType::Bind6,
+    },
+    ProgramSpec {
+        name: "icpt_postbind4",
+        attach_type: AttachType::PostBind4,
+    },
+    ProgramSpec {
+        name: "icpt_postbind6",
+        attach_type: AttachType::PostBind6,
     },
     ProgramSpec {
         name: "icpt_sendmsg4",
