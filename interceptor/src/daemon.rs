@@ -179,8 +179,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         }
     }
     let upstream_pool = UpstreamPool::new(&settings.upstream_ca)?;
-    for key in config.keys_open_to_sandboxes() {
-        tracing::warn!("{}", crate::config::ExposedKey(key));
+    for warning in config.host_warnings() {
+        tracing::warn!("{warning}");
     }
     if !matches!(crate::sandbox::isolation_ruleset(), Ok(Some(_))) {
         tracing::warn!(

@@ -198,12 +198,8 @@ pub fn run_command(command: Command) -> Result<i32, CliError> {
 fn check(path: &Path) -> Result<i32, CliError> {
     match crate::config::load(path) {
         Ok(config) => {
-            for key in config.keys_open_to_sandboxes() {
-                eprintln!(
-                    "{}: warning: {}",
-                    path.display(),
-                    crate::config::ExposedKey(key)
-                );
+            for warning in config.host_warnings() {
+                eprintln!("{}: warning: {warning}", path.display());
             }
             println!("{}: ok", path.display());
             Ok(0)

@@ -142,6 +142,42 @@ impl Config {
             .collect()
     }
 
+    /// What a check of the host finds worth a warning in this config: signing
+    /// keys the sandboxes can read, and listener ports the kernel may hand out
+    /// itself (a sandbox's `listen` without `bind` could take one while the
+    /// daemon is down; no cgroup hook sees that).
+    pub fn host_warnings(&self) -> Vec<String> {
+        let mut warnings: Vec<String> = self
+            .keys_open_to_sandboxes()
+            .into_iter()
+            .map(|key| {
+                format!(
+                    "key_file {} is readable by the sandbox user, so by every sandbox (chmod 600 it, owned by root)",
+                    key.display()
+                )
+            })
+            .collect();
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| {
+                let mut bounds = text.split_whitespace().map(str::parse::<u16>);
+                Some((bounds.next()?.ok()?, bounds.next()?.ok()?))
+            });
+        if let Some((low, high)) = range {
+            for (what, port) in [
+                ("relay", self.interceptor.relay.port()),
+                ("dns", self.interceptor.dns.port()),
+            ] {
+                if (low..=high).contains(&port) {
+                    warnings.push(format!(
+                        "`{what}` port {port} is in the kernel's ephemeral range {low}-{high} (net.ipv4.ip_local_port_range): a sandbox could be handed it while the daemon is down; pick one below {low}"
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
     /// The `[resolve]` addresses for `host` (any case, trailing dot and port ignored).
     pub fn resolve_host(&self, host: &str) -> Option<&[IpAddr]> {
         match Host::parse(host)? {
@@ -380,16 +416,3 @@ impl ConfigError {
 
 #[cfg(test)]
 mod tests;
-
-/// A signing key any user can read, as `check` and `run` report it.
-pub struct ExposedKey<'a>(pub &'a Path);
-
-impl fmt::Display for ExposedKey<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "key_file {} is readable by the sandbox user, so by every sandbox (chmod 600 it, owned by root)",
-            self.0.display()
-        )
-    }
-}

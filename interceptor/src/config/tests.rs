@@ -530,3 +530,18 @@ fn signing_keys_the_sandbox_user_can_read_are_reported() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     assert!(c.keys_open_to_sandboxes().is_empty());
 }
+
+#[test]
+fn a_listener_port_the_kernel_may_hand_out_is_warned_about() {
+    let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    let c = ok(&format!("[interceptor]\nrelay = \"127.0.0.1:{low}\"\n"));
+    let warnings = c.host_warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("`relay` port"), "{warnings:?}");
+    assert!(ok("[interceptor]\nrelay = \"127.0.0.1:15001\"\n")
+        .host_warnings()
+        .is_empty());
+}
