@@ -102,6 +102,7 @@ fn hello_extent(prefix: &[u8]) -> HelloExtent {
     }
     HelloExtent::Unreadable
 }
+
 /// The first handshake message of a TLS stream, put back together from however
 /// many records the client split it into (RFC 8446 §5.1 allows any split:
 /// judging only the first record would let a split hide the SNI); `None` when
