@@ -49,13 +49,13 @@ const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
 pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<RelayContext>) {
     let conn = Arc::new(conn);
-    let (served_conn, served_ctx) = (conn.clone(), ctx.clone());
     let started = Instant::now();
     let shutdown = ctx.shutdown.clone();
     let socket = ClientSocket::new(stream);
     let mode = socket.mode.clone();
+    let (service_conn, service_ctx) = (conn.clone(), ctx.clone());
     let service = service_fn(move |req: Request<Incoming>| {
-        let (conn, ctx, mode) = (conn.clone(), ctx.clone(), mode.clone());
+        let (conn, ctx, mode) = (service_conn.clone(), service_ctx.clone(), mode.clone());
         async move {
             // Only without a request body: closing a socket with unread input
             // resets the connection, and drops what is still corked with it.
@@ -99,9 +99,9 @@ pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<Relay
         // among them) never reached the service: logged here, or not at all.
         Err(e) if e.is_parse() || e.is_parse_too_large() => {
             let refused = Decision::block("bad-request");
-            let mut entry = served_conn.entry(Proto::Http, &refused, Verdict::Error);
+            let mut entry = conn.entry(Proto::Http, &refused, Verdict::Error);
             entry.error = Some(e.to_string());
-            finish(&served_ctx, &served_conn, entry, started);
+            finish(&ctx, &conn, entry, started);
         }
         Err(e) => tracing::debug!("relay http connection: {e}"),
         Ok(()) => {}

@@ -257,19 +257,12 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<RelayContext>)
             return;
         }
     };
-    // Read before the prefix moves into the stream (and unused but for TLS).
-    let hello = match protocol {
-        sniff::Protocol::Tls => stream::client_hello_name(&prefix),
-        _ => stream::HelloName::Unreadable,
-    };
     let stream = sniff::Prefixed::new(prefix, stream);
     match protocol {
         sniff::Protocol::Http => http::serve(stream, conn, ctx).await,
         // Boxed: every connection's task is as large as its largest path, and the
         // HTTP one, by far the most common, is the smallest.
-        sniff::Protocol::Tls => {
-            Box::pin(stream::relay_tls(stream, conn, ctx, started, hello)).await
-        }
+        sniff::Protocol::Tls => Box::pin(stream::relay_tls(stream, conn, ctx, started)).await,
         sniff::Protocol::Opaque => Box::pin(stream::relay_opaque(stream, conn, ctx, started)).await,
     }
 }

@@ -190,6 +190,11 @@ impl<S> Prefixed<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The bytes read while sniffing, as long as none has been replayed.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix[self.offset..]
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

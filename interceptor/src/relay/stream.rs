@@ -26,7 +26,7 @@ use crate::policy::{Action, Decision};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the ClientHello that opens a TLS stream says of where it goes.
-pub enum HelloName {
+enum HelloName {
     Sni(String),
     /// A readable ClientHello without a host name.
     NoSni,
@@ -35,7 +35,7 @@ pub enum HelloName {
     Unreadable,
 }
 
-pub fn client_hello_name(prefix: &[u8]) -> HelloName {
+fn client_hello_name(prefix: &[u8]) -> HelloName {
     let Some(message) = client_hello(prefix) else {
         return HelloName::Unreadable;
     };
@@ -65,8 +65,8 @@ pub async fn relay_tls(
     conn: Connection,
     ctx: Arc<RelayContext>,
     started: Instant,
-    hello: HelloName,
 ) {
+    let hello = client_hello_name(stream.prefix());
     let policy = &conn.sandbox.tenant.policy;
     let port = conn.dst.port();
     let (decision, target) = match &hello {
