@@ -143,6 +143,22 @@ fn exec_without_a_daemon_or_with_an_unknown_tenant_fails_cleanly() {
     ]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
 
+    // A user other than root reaches no running daemon, and is told why (not
+    // that the daemon is not running).
+    let out = {
+        use std::os::unix::process::CommandExt;
+        Command::new(interceptor_bin())
+            .args(["status", "--config"])
+            .arg(&d.config)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("root-only"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+
     // A second daemon on the same ports fails with one line naming the cause.
     let out = interceptor(&["run", "--config", d.config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));

@@ -840,6 +840,35 @@ print('paused', split_hello('blocked.test', 1.5))
         .filter(|e| e["proto"] == "tls" && e["host"] == "blocked.test")
         .count();
     assert_eq!(blocked, 3, "{:#?}", d.logs("acme"));
+
+    // A ClientHello cut short (the client stops sending half way) could hide any
+    // name: refused, even under `default = "allow"`, never relayed as opaque bytes.
+    let before = tls.connections();
+    let cut = format!(
+        r"import socket
+s=socket.create_connection(('127.0.0.2',{port}),timeout=5)
+s.sendall(bytes([0x16,3,1,0,0x50,1,0,0,0x4c])+bytes(10))
+s.shutdown(socket.SHUT_WR)
+try:
+    print('got', s.recv(100))
+except ConnectionResetError:
+    print('got reset')
+",
+    );
+    let out = d.python("acme", &cut);
+    assert!(
+        stdout(&out).contains("got b''") || stdout(&out).contains("got reset"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        tls.connections(),
+        before,
+        "a cut ClientHello reached upstream"
+    );
+    let entry = d.wait_for_log("acme", |e| e["rule"] == "tls:unreadable");
+    assert_eq!(entry["decision"], "block");
+    assert_eq!(entry["proto"], "tls");
 }
 
 #[test]
