@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::body::Metered;
+use super::budget::{HeadCharge, CHARGED_READ, HEAD_LIMIT};
 use super::sniff::Prefixed;
 use super::stream::ReadCounter;
 use super::upstream::{self, Refusal};
@@ -47,20 +48,30 @@ type RelayBody = UnsyncBoxBody<Bytes, hyper::Error>;
 /// by default): an abandoned connection does not hold its tenant's quota.
 const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
-pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<RelayContext>) {
+pub async fn serve(
+    stream: Prefixed<TcpStream>,
+    conn: Connection,
+    ctx: Arc<RelayContext>,
+    charge: HeadCharge,
+) {
     let conn = Arc::new(conn);
     let started = Instant::now();
     let shutdown = ctx.shutdown.clone();
-    let socket = ClientSocket::new(stream);
+    let socket = ClientSocket::new(stream, charge);
     let mode = socket.mode.clone();
+    let heads = socket.mode.clone();
     let (service_conn, service_ctx) = (conn.clone(), ctx.clone());
     let service = service_fn(move |req: Request<Incoming>| {
         let (conn, ctx, mode) = (service_conn.clone(), service_ctx.clone(), mode.clone());
         async move {
+            // The head is read whole: what it held is given back to the budget.
+            mode.heads.fetch_add(1, Ordering::Relaxed);
+            mode.in_request.store(true, Ordering::Relaxed);
             // Only without a request body: closing a socket with unread input
             // resets the connection, and drops what is still corked with it.
             let last = is_last_request(req.version(), req.headers()) && req.body().is_end_stream();
             let mut response = handle_request(req, &conn, &ctx).await;
+            mode.in_request.store(false, Ordering::Relaxed);
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 // A tunnel now: its end must reach the client as a FIN.
                 mode.upgraded.store(true, Ordering::Relaxed);
@@ -84,6 +95,9 @@ pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<Relay
         .preserve_header_case(true)
         .timer(TokioTimer::new())
         .header_read_timeout(CLIENT_IDLE_TIMEOUT)
+        // A bigger head gets 431; the buffer that holds it is no bigger.
+        .max_header_size(HEAD_LIMIT)
+        .max_buf_size(HEAD_LIMIT)
         .serve_connection(TokioIo::new(socket), service)
         .with_upgrades();
     tokio::pin!(http);
@@ -94,12 +108,25 @@ pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<Relay
             http.await
         }
     };
+    // Before any request was read, the connection was taken as HTTP for what it
+    // could still become: a head cut short or never finished is logged too.
+    let first = heads.heads.load(Ordering::Relaxed) == 0;
     match result {
         // A request the HTTP server could not read (HTTP/2 with prior knowledge
         // among them) never reached the service: logged here, or not at all.
-        Err(e) if e.is_parse() || e.is_parse_too_large() => {
+        Err(e) if e.is_parse_too_large() => {
+            let refused = Decision::block("limit:head");
+            let mut entry = conn.entry(Proto::Http, &refused, Verdict::Block);
+            entry.status = Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.as_u16());
+            entry.error = Some(format!("request head over {HEAD_LIMIT} bytes"));
+            finish(&ctx, &conn, entry, started);
+        }
+        Err(e) if e.is_parse() || (first && (e.is_incomplete_message() || e.is_timeout())) => {
             let refused = Decision::block("bad-request");
             let mut entry = conn.entry(Proto::Http, &refused, Verdict::Error);
+            if e.is_parse() {
+                entry.status = Some(StatusCode::BAD_REQUEST.as_u16());
+            }
             entry.error = Some(e.to_string());
             finish(&ctx, &conn, entry, started);
         }
@@ -120,9 +147,16 @@ pub async fn serve(stream: Prefixed<TcpStream>, conn: Connection, ctx: Arc<Relay
 /// socket until the close, which sends it with the FIN. Nothing waits on that:
 /// the close follows the write at once (hyper closes after a response marked
 /// `Connection: close`), and the kernel uncorks after 200 ms in any case.
+///
+/// Until a request head is read whole, the bytes read are charged to the
+/// connection's [`HeadCharge`] (a read waits while the budget is spent), and
+/// given back once the service has the request.
 struct ClientSocket {
     io: Prefixed<TcpStream>,
     mode: Arc<SocketMode>,
+    charge: HeadCharge,
+    /// `mode.heads` when the charge was last given back.
+    heads_seen: u64,
 }
 
 /// Set by the service for the response it returns.
@@ -130,13 +164,19 @@ struct ClientSocket {
 struct SocketMode {
     cork: AtomicBool,
     upgraded: AtomicBool,
+    /// Request heads read whole.
+    heads: AtomicU64,
+    /// The service has a request: what is read now is its body, not a head.
+    in_request: AtomicBool,
 }
 
 impl ClientSocket {
-    fn new(io: Prefixed<TcpStream>) -> Self {
+    fn new(io: Prefixed<TcpStream>, charge: HeadCharge) -> Self {
         ClientSocket {
             io,
             mode: Arc::default(),
+            charge,
+            heads_seen: 0,
         }
     }
 
@@ -155,7 +195,33 @@ impl AsyncRead for ClientSocket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        let heads = this.mode.heads.load(Ordering::Relaxed);
+        if heads != this.heads_seen {
+            this.heads_seen = heads;
+            this.charge.release();
+        }
+        let in_head = !this.mode.in_request.load(Ordering::Relaxed)
+            && !this.mode.upgraded.load(Ordering::Relaxed);
+        if !in_head {
+            this.charge.release();
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        ready!(this.charge.poll_settle(cx));
+        let before = buf.filled().len();
+        if buf.remaining() > CHARGED_READ {
+            let mut limited = buf.take(CHARGED_READ);
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut limited))?;
+            let n = limited.filled().len();
+            // SAFETY: `limited` is `buf`'s unfilled part, and `n` of its bytes
+            // were just filled.
+            unsafe { buf.assume_init(n) };
+            buf.advance(n);
+        } else {
+            ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        }
+        this.charge.add(buf.filled().len() - before);
+        Poll::Ready(Ok(()))
     }
 }
 

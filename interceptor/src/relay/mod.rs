@@ -3,6 +3,7 @@
 //! judged by the tenant's outbound policy, relayed or refused, and recorded.
 
 mod body;
+mod budget;
 mod http;
 mod pool;
 mod sniff;
@@ -50,6 +51,8 @@ pub struct RelayContext {
     /// Connections one tenant may hold open at once (`None`: no limit).
     max_connections_per_tenant: Option<usize>,
     subrequests: Arc<subrequests::SubrequestCounter>,
+    /// What unfinished request heads may hold, per tenant and in all.
+    heads: Arc<budget::HeadBudgets>,
     /// Ends accepting, requests on kept-alive connections, and byte streams.
     shutdown: CancellationToken,
     /// Every connection's task, and what outlives its HTTP connection (WebSocket
@@ -80,6 +83,7 @@ impl RelayContext {
             upstream,
             max_connections_per_tenant,
             subrequests: Default::default(),
+            heads: Default::default(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
         })
@@ -99,6 +103,7 @@ impl RelayContext {
             upstream: self.upstream.fresh_pool(),
             max_connections_per_tenant: self.max_connections_per_tenant,
             subrequests: self.subrequests.clone(),
+            heads: self.heads.clone(),
             shutdown: self.shutdown.clone(),
             tasks: self.tasks.clone(),
         })
@@ -250,20 +255,53 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<RelayContext>)
         pid: original.pid,
         _open: open,
     };
-    let (protocol, prefix) = match sniff::sniff(&mut stream).await {
+    // The first bytes (an unfinished head among them) are charged to the
+    // tenant's and the relay's budget for buffered heads.
+    let mut charge = ctx.heads.charge(&conn.sandbox.tenant.id.0);
+    let sniffed = sniff::sniff(&mut stream, &mut charge, Some(sniff::SILENCE)).await;
+    let (mut protocol, mut prefix) = match sniffed {
         Ok(sniffed) => sniffed,
         Err(e) => {
             tracing::debug!(%peer, "reading first bytes: {e}");
             return;
         }
     };
+    let mut connected = None;
+    if protocol == sniff::Protocol::Silent {
+        match stream::first_speaker(&stream, &conn, &ctx, started).await {
+            stream::FirstSpeaker::Server(server) => {
+                drop(charge);
+                let stream = sniff::Prefixed::new(prefix, stream);
+                let opaque = stream::relay_opaque(stream, conn, ctx, started, Some(server), true);
+                return Box::pin(opaque).await;
+            }
+            stream::FirstSpeaker::Client(server) => {
+                connected = server;
+                (protocol, prefix) = match sniff::sniff(&mut stream, &mut charge, None).await {
+                    Ok(sniffed) => sniffed,
+                    Err(e) => {
+                        tracing::debug!(%peer, "reading first bytes: {e}");
+                        return;
+                    }
+                };
+            }
+            stream::FirstSpeaker::Neither => return,
+        }
+    }
     let stream = sniff::Prefixed::new(prefix, stream);
     match protocol {
-        sniff::Protocol::Http => http::serve(stream, conn, ctx).await,
+        sniff::Protocol::Http => http::serve(stream, conn, ctx, charge).await,
         // Boxed: every connection's task is as large as its largest path, and the
         // HTTP one, by far the most common, is the smallest.
-        sniff::Protocol::Tls => Box::pin(stream::relay_tls(stream, conn, ctx, started)).await,
-        sniff::Protocol::Opaque => Box::pin(stream::relay_opaque(stream, conn, ctx, started)).await,
+        sniff::Protocol::Tls => {
+            drop(charge);
+            Box::pin(stream::relay_tls(stream, conn, ctx, started)).await
+        }
+        sniff::Protocol::Opaque | sniff::Protocol::Silent => {
+            drop(charge);
+            let opaque = stream::relay_opaque(stream, conn, ctx, started, connected, false);
+            Box::pin(opaque).await
+        }
     }
 }
 
