@@ -41,6 +41,9 @@ pub enum Reply {
         /// `exec` keeps them out of the sandbox, should its caller hold them too.
         #[serde(default)]
         withheld_env: Vec<String>,
+        /// The rlimits the command runs under (`sandbox_limits`).
+        #[serde(default)]
+        limits: crate::config::SandboxLimits,
     },
     Done,
     Status(Box<Status>),
@@ -65,6 +68,14 @@ pub struct Status {
     /// Dispatch namespaces and their running Worker processes.
     #[serde(default)]
     pub dispatch: Vec<crate::dispatch::NamespaceStatus>,
+    /// `sandbox_uids`, when set.
+    #[serde(default)]
+    pub sandbox_uids: Option<String>,
+    /// The uid of each sandbox: `tenant:NAME` for every configured tenant,
+    /// and with `sandbox_uids` also `worker:NAMESPACE/NAME` for every User
+    /// Worker given one so far.
+    #[serde(default)]
+    pub uids: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -27,7 +27,7 @@ use crate::policy::OutboundPolicy;
 use crate::record::Recorder;
 use crate::relay::{self, LocalAddresses, RelayContext, UpstreamPool};
 use crate::resolve::Resolver;
-use crate::tenants::{SandboxRegistry, Tenant, TenantId};
+use crate::tenants::{SandboxRegistry, SandboxUids, Tenant, TenantId};
 
 /// In-flight requests get this long to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -251,7 +251,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
 
     // After the listeners: the same config started twice names its port in use.
     let _serving = hold_subtree(&root)?;
-    let sandboxes = Arc::new(SandboxRegistry::create(root.clone(), tenants)?);
+    let uids = sandbox_uids(&config, (user.uid.as_raw(), user.gid.as_raw()))?;
+    let sandboxes = Arc::new(SandboxRegistry::create(root.clone(), tenants, uids)?);
     let recorder = Recorder::new(LogWriter::open(
         &settings.log_dir,
         settings.log_max_bytes,
@@ -273,8 +274,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         sandboxes.clone(),
         &policies,
         context_key.clone(),
-        user.uid.as_raw(),
-        user.gid.as_raw(),
+        settings.sandbox_limits,
     )?);
 
     // Last of the fallible steps: from here on, the subtree is enforced.
@@ -317,8 +317,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         sandboxes,
         dispatchers: dispatchers.clone(),
         recorder: recorder.clone(),
-        uid: user.uid.as_raw(),
-        gid: user.gid.as_raw(),
+        limits: settings.sandbox_limits,
         withheld_env: policies
             .values()
             .flat_map(|p| p.injections())
@@ -340,6 +339,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             attached: Vec::new(),
             tenants: BTreeMap::new(),
             dispatch: Vec::new(),
+            sandbox_uids: settings.sandbox_uids.map(|range| range.to_string()),
+            uids: BTreeMap::new(),
         },
     });
     tokio::spawn(admin::serve(admin_listener, handler, shutdown.clone()));
@@ -401,6 +402,26 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     drop(enforcement);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Which uid each sandbox runs as: `shared` (the sandbox user's) for all, or
+/// with `sandbox_uids` one per tenant and Worker, recorded under `log_dir`.
+fn sandbox_uids(config: &Config, shared: (u32, u32)) -> Result<SandboxUids, DaemonError> {
+    let settings = &config.interceptor;
+    let Some(range) = settings.sandbox_uids else {
+        return Ok(SandboxUids::shared(shared.0, shared.1));
+    };
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(&settings.log_dir)?;
+    Ok(SandboxUids::assigned(
+        range,
+        settings.log_dir.join(crate::tenants::UID_FILE),
+        shared,
+        config.tenants.keys().map(String::as_str),
+    )?)
 }
 
 /// One per CPU but one, unless `INTERCEPTOR_RELAY_THREADS` says otherwise. The
@@ -465,8 +486,8 @@ struct AdminHandler {
     sandboxes: Arc<SandboxRegistry>,
     dispatchers: Arc<Dispatchers>,
     recorder: Arc<Recorder>,
-    uid: u32,
-    gid: u32,
+    /// The rlimits of every sandbox.
+    limits: crate::config::SandboxLimits,
     /// What `{env:NAME}` templates read: never passed into a sandbox.
     withheld_env: Vec<String>,
     /// The parts of the status that do not change.
@@ -480,9 +501,10 @@ impl Handler for AdminHandler {
                 match self.sandboxes.open_exec(&tenant, params) {
                     Ok(sandbox) => Reply::Sandbox {
                         cgroup: sandbox.cgroup.clone(),
-                        uid: self.uid,
-                        gid: self.gid,
+                        uid: sandbox.uid,
+                        gid: sandbox.gid,
                         withheld_env: self.withheld_env.clone(),
+                        limits: self.limits,
                     },
                     Err(e @ crate::tenants::TenantError::UnknownTenant(_)) => Reply::Error {
                         message: e.to_string(),
@@ -505,6 +527,13 @@ impl Handler for AdminHandler {
                 let mut status = self.status.clone();
                 status.tenants = self.recorder.counters();
                 status.dispatch = self.dispatchers.status();
+                let uids = self.sandboxes.uids();
+                for tenant in self.sandboxes.tenants() {
+                    if let Ok((uid, _)) = uids.tenant(&tenant.id.0) {
+                        status.uids.insert(format!("tenant:{}", tenant.id), uid);
+                    }
+                }
+                status.uids.extend(uids.all());
                 let workers = self.sandboxes.worker_tenants();
                 for tenant in self.sandboxes.tenants().chain(&workers) {
                     status

@@ -1,5 +1,5 @@
 //! `interceptor exec`: asks the daemon for a fresh sandbox cgroup of the tenant,
-//! then runs the command in it as the sandbox user with no new privileges.
+//! then runs the command in it as the tenant's uid with no new privileges.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use super::CliError;
 use crate::admin::{self, Reply, Request};
+use crate::sandbox::Identity;
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
@@ -36,13 +37,14 @@ pub fn run(
             params,
         },
     )?;
-    let (cgroup, uid, gid, withheld_env) = match reply {
+    let (cgroup, who, withheld_env) = match reply {
         Reply::Sandbox {
             cgroup,
             uid,
             gid,
             withheld_env,
-        } => (cgroup, uid, gid, withheld_env),
+            limits,
+        } => (cgroup, Identity { uid, gid, limits }, withheld_env),
         Reply::Error { message, usage } => {
             return Err(if usage {
                 CliError::usage(message)
@@ -52,7 +54,7 @@ pub fn run(
         }
         other => return Err(CliError::failure(format!("unexpected reply {other:?}"))),
     };
-    let result = spawn_and_wait(&cgroup, uid, gid, &withheld_env, &command);
+    let result = spawn_and_wait(&cgroup, who, &withheld_env, &command);
     if let Err(e) = admin::call(admin_socket, &Request::ExecClose { cgroup }) {
         tracing::debug!("closing the sandbox: {e}");
     }
@@ -61,8 +63,7 @@ pub fn run(
 
 fn spawn_and_wait(
     cgroup: &Path,
-    uid: u32,
-    gid: u32,
+    who: Identity,
     withheld_env: &[String],
     command: &[OsString],
 ) -> Result<i32, CliError> {
@@ -72,6 +73,7 @@ fn spawn_and_wait(
     let ruleset = crate::sandbox::isolation_ruleset()
         .map_err(|e| CliError::failure(format!("Landlock ruleset: {e}")))?;
     let ruleset_fd = ruleset.as_ref().map(|fd| fd.as_raw_fd());
+    let filter = crate::sandbox::syscall_filter().map_err(|e| CliError::failure(e.to_string()))?;
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]);
     // The command gets its caller's environment, but not the daemon's secrets
@@ -81,7 +83,7 @@ fn spawn_and_wait(
     }
     // SAFETY: `enter` only makes async-signal-safe system calls.
     unsafe {
-        cmd.pre_exec(move || crate::sandbox::enter(procs_fd, uid, gid, ruleset_fd, 3));
+        cmd.pre_exec(move || crate::sandbox::enter(procs_fd, who, ruleset_fd, filter, 3));
     }
     let mut child = cmd.spawn().map_err(|e| {
         let code = if e.kind() == std::io::ErrorKind::NotFound {

@@ -237,20 +237,40 @@ fn status(config: Option<&Path>, json: bool) -> Result<i32, CliError> {
             program.attach_type, program.id, program.name
         );
     }
+    if let Some(range) = &status.sandbox_uids {
+        println!("sandbox uids: {range}");
+    }
     println!(
-        "{:<20} {:>10} {:>10} {:>10} {:>14} {:>14} {:>6}",
-        "TENANT", "ALLOWED", "BLOCKED", "ERRORS", "BYTES_SENT", "BYTES_RECEIVED", "OPEN"
+        "{:<20} {:>10} {:>10} {:>10} {:>14} {:>14} {:>6} {:>10}",
+        "TENANT", "ALLOWED", "BLOCKED", "ERRORS", "BYTES_SENT", "BYTES_RECEIVED", "OPEN", "UID"
     );
     for (tenant, c) in &status.tenants {
+        // A tenant's uid, else (a Worker's counters) its Worker's.
+        let uid = status
+            .uids
+            .get(&format!("tenant:{tenant}"))
+            .or_else(|| {
+                status
+                    .uids
+                    .iter()
+                    .find(|(k, _)| {
+                        k.strip_prefix("worker:")
+                            .and_then(|w| w.split_once('/'))
+                            .is_some_and(|(_, name)| name == tenant)
+                    })
+                    .map(|(_, uid)| uid)
+            })
+            .map_or("-".to_string(), u32::to_string);
         println!(
-            "{:<20} {:>10} {:>10} {:>10} {:>14} {:>14} {:>6}",
+            "{:<20} {:>10} {:>10} {:>10} {:>14} {:>14} {:>6} {:>10}",
             tenant,
             c.allowed,
             c.blocked,
             c.errors,
             c.bytes_sent,
             c.bytes_received,
-            c.open_connections
+            c.open_connections,
+            uid
         );
     }
     for ns in &status.dispatch {
@@ -263,8 +283,8 @@ fn status(config: Option<&Path>, json: bool) -> Result<i32, CliError> {
         );
         for w in &ns.workers {
             println!(
-                "  worker {:<20} pid {:<8} requests {:<8} in flight {:<4} starts {:<4} component {}",
-                w.name, w.pid, w.requests, w.in_flight, w.starts, w.component
+                "  worker {:<20} pid {:<8} requests {:<8} in flight {:<4} starts {:<4} component {} uid {}",
+                w.name, w.pid, w.requests, w.in_flight, w.starts, w.component, w.uid
             );
         }
     }

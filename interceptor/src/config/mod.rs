@@ -37,6 +37,11 @@ pub const DEFAULT_LOG_KEEP: u32 = 5;
 /// Default `[interceptor].max_connections_per_tenant`: far above what one
 /// program needs, far below the descriptors the relay has for everyone.
 pub const DEFAULT_MAX_CONNECTIONS_PER_TENANT: usize = 4096;
+/// Default `[interceptor].sandbox_limits`: descriptors per sandboxed process
+/// (RLIMIT_NOFILE) ...
+pub const DEFAULT_SANDBOX_NOFILE: u64 = 4096;
+/// ... and processes (threads included) per sandbox uid (RLIMIT_NPROC).
+pub const DEFAULT_SANDBOX_NPROC: u64 = 512;
 /// Default `jwt.ttl_seconds`.
 pub const DEFAULT_JWT_TTL_SECONDS: u64 = 300;
 /// Default `[[dispatch_namespaces]].binding`.
@@ -222,6 +227,11 @@ pub struct InterceptorConfig {
     /// Relay connections one tenant (or one User Worker) may hold open at once;
     /// `None`: no limit.
     pub max_connections_per_tenant: Option<usize>,
+    /// `sandbox_uids`: a uid (and gid) of its own for each tenant and User
+    /// Worker; `None`: every sandbox runs as `sandbox_user`.
+    pub sandbox_uids: Option<UidRange>,
+    /// `sandbox_limits`: rlimits set in every sandbox before the privilege drop.
+    pub sandbox_limits: SandboxLimits,
 }
 
 impl Default for InterceptorConfig {
@@ -237,6 +247,8 @@ impl Default for InterceptorConfig {
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             log_keep: DEFAULT_LOG_KEEP,
             max_connections_per_tenant: Some(DEFAULT_MAX_CONNECTIONS_PER_TENANT),
+            sandbox_uids: None,
+            sandbox_limits: SandboxLimits::default(),
         }
     }
 }
@@ -250,6 +262,51 @@ impl InterceptorConfig {
     /// The IPv6 DNS address: `[::1]` on the DNS port.
     pub fn dns_v6(&self) -> SocketAddrV6 {
         SocketAddrV6::new(Ipv6Addr::LOCALHOST, self.dns.port(), 0, 0)
+    }
+}
+
+/// `sandbox_uids = "FIRST-LAST"`: uids (and gids, the same numbers) no account
+/// or group of this host has, handed out one per tenant and User Worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl UidRange {
+    /// How many uids it holds.
+    pub fn size(&self) -> u64 {
+        u64::from(self.last) - u64::from(self.first) + 1
+    }
+
+    pub fn contains(&self, uid: u32) -> bool {
+        (self.first..=self.last).contains(&uid)
+    }
+}
+
+impl fmt::Display for UidRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// `sandbox_limits = { nofile, nproc }`: set as both soft and hard limits, so
+/// a sandbox cannot raise them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxLimits {
+    /// RLIMIT_NOFILE: open descriptors per process.
+    pub nofile: u64,
+    /// RLIMIT_NPROC: processes and threads of the sandbox's uid, host-wide
+    /// (so shared by every sandbox without `sandbox_uids`).
+    pub nproc: u64,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        SandboxLimits {
+            nofile: DEFAULT_SANDBOX_NOFILE,
+            nproc: DEFAULT_SANDBOX_NPROC,
+        }
     }
 }
 

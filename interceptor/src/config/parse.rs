@@ -46,7 +46,10 @@ const INTERCEPTOR_KEYS: &[&str] = &[
     "log_max_bytes",
     "log_keep",
     "max_connections_per_tenant",
+    "sandbox_uids",
+    "sandbox_limits",
 ];
+const SANDBOX_LIMIT_KEYS: &[&str] = &["nofile", "nproc"];
 const TENANT_KEYS: &[&str] = &["outbound", "params"];
 const NAMESPACE_KEYS: &[&str] = &[
     "binding",
@@ -515,7 +518,24 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         .and_then(|f| f.item.as_table_like())
         .is_some_and(|t| t.contains_key("sandbox_user"));
     if !user_given && (!tenants.is_empty() || !dispatch_namespaces.is_empty()) {
-        default_sandbox_user(&mut ctx, section.and_then(|f| f.span()));
+        default_sandbox_user(&mut ctx, section.as_ref().and_then(|f| f.span()));
+    }
+    if let Some(range) = interceptor.sandbox_uids {
+        if (tenants.len() as u64) > range.size() {
+            let span = section
+                .as_ref()
+                .and_then(|f| f.item.as_table_like())
+                .and_then(|t| t.get("sandbox_uids"))
+                .and_then(|item| item.span());
+            ctx.error(
+                span,
+                format!(
+                    "`sandbox_uids` {range} holds {} uid(s), fewer than the {} tenants configured (each tenant and each User Worker gets one of its own)",
+                    range.size(),
+                    tenants.len()
+                ),
+            );
+        }
     }
 
     if !ctx.diags.is_empty() {
@@ -658,6 +678,33 @@ fn interceptor(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> InterceptorConfig {
     if let Some(f) = t.get("max_connections_per_tenant") {
         if let Some(n) = ctx.integer(&f, 0, 1_000_000) {
             c.max_connections_per_tenant = (n > 0).then_some(n as usize);
+        }
+    }
+    if let Some(f) = t.get("sandbox_uids") {
+        if let Some(s) = ctx.string(&f) {
+            match uid_range(&s).and_then(|range| {
+                host_ids_in(range, &c.sandbox_user)?;
+                Ok(range)
+            }) {
+                Ok(range) => c.sandbox_uids = Some(range),
+                Err(why) => ctx.error(f.span(), format!("`sandbox_uids`: {why}")),
+            }
+        }
+    }
+    if let Some(f) = t.get("sandbox_limits") {
+        if let Some(lt) = ctx.table(&f, "`sandbox_limits`".into()) {
+            ctx.check_keys(&lt, SANDBOX_LIMIT_KEYS);
+            // Below these, the Worker runtime (threads, memfds, sockets) cannot start.
+            if let Some(f) = lt.get("nofile") {
+                if let Some(n) = ctx.integer(&f, 64, 1 << 20) {
+                    c.sandbox_limits.nofile = n as u64;
+                }
+            }
+            if let Some(f) = lt.get("nproc") {
+                if let Some(n) = ctx.integer(&f, 16, 1 << 22) {
+                    c.sandbox_limits.nproc = n as u64;
+                }
+            }
         }
     }
     c
@@ -1284,6 +1331,109 @@ fn claim_value(ctx: &mut Ctx<'_>, v: &Value) -> Option<serde_json::Value> {
         }
         Value::InlineTable(t) => return claim_table(ctx, t),
     })
+}
+
+/// `"FIRST-LAST"`, neither of them 0 (root) nor 4294967295 (`(uid_t)-1`, "no
+/// change" to setuid-family calls).
+fn uid_range(s: &str) -> Result<UidRange, String> {
+    let bad = || format!("\"{s}\" is not a range of uids like \"200000-200999\"");
+    let (first, last) = s.split_once('-').ok_or_else(bad)?;
+    let number = |n: &str| {
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        n.parse::<u32>().map_err(|_| bad())
+    };
+    let (first, last) = (number(first)?, number(last)?);
+    if first == 0 {
+        return Err(format!("\"{s}\" includes uid 0, root"));
+    }
+    if last == u32::MAX {
+        return Err(format!(
+            "\"{s}\" includes 4294967295, which is no uid (it is (uid_t)-1)"
+        ));
+    }
+    if first > last {
+        return Err(format!("\"{s}\": {first} is above {last}"));
+    }
+    Ok(UidRange { first, last })
+}
+
+/// Refuses a range that holds an id this host already uses: a user's uid or a
+/// group's gid (a sandbox would get that user's files, or that group's by its
+/// gid), the sandbox user's, or a subordinate-id range that rootless
+/// containers map their users to. Reads the local databases: accounts only
+/// a network directory knows are skipped when uids are handed out.
+fn host_ids_in(range: UidRange, sandbox_user: &str) -> Result<(), String> {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    if let Some(user) = nix::unistd::User::from_name(sandbox_user).ok().flatten() {
+        if range.contains(user.uid.as_raw()) || range.contains(user.gid.as_raw()) {
+            return Err(format!(
+                "{range} includes the sandbox user {sandbox_user}'s uid {} or gid {}",
+                user.uid, user.gid
+            ));
+        }
+    }
+    match ids_in_use(
+        range,
+        &read("/etc/passwd"),
+        &read("/etc/group"),
+        &read("/etc/subuid"),
+        &read("/etc/subgid"),
+    ) {
+        Some(what) => Err(format!(
+            "{range} includes {what}: pick ids no user, group or subordinate-id range of this host has"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The first id of `range` that the given `/etc/passwd`, `/etc/group`,
+/// `/etc/subuid` and `/etc/subgid` texts use, described.
+pub(super) fn ids_in_use(
+    range: UidRange,
+    passwd: &str,
+    group: &str,
+    subuid: &str,
+    subgid: &str,
+) -> Option<String> {
+    let fields = |text: &str| -> Vec<Vec<String>> {
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(|l| l.split(':').map(str::to_string).collect())
+            .collect()
+    };
+    for entry in fields(passwd) {
+        if let Some(uid) = entry.get(2).and_then(|n| n.parse::<u32>().ok()) {
+            if range.contains(uid) {
+                return Some(format!("uid {uid} of user {} (/etc/passwd)", entry[0]));
+            }
+        }
+    }
+    for entry in fields(group) {
+        if let Some(gid) = entry.get(2).and_then(|n| n.parse::<u32>().ok()) {
+            if range.contains(gid) {
+                return Some(format!("gid {gid} of group {} (/etc/group)", entry[0]));
+            }
+        }
+    }
+    for (text, file) in [(subuid, "/etc/subuid"), (subgid, "/etc/subgid")] {
+        for entry in fields(text) {
+            let start = entry.get(1).and_then(|n| n.parse::<u64>().ok());
+            let count = entry.get(2).and_then(|n| n.parse::<u64>().ok());
+            if let (Some(start), Some(count)) = (start, count) {
+                let end = start + count;
+                if count > 0 && start <= u64::from(range.last) && end > u64::from(range.first) {
+                    return Some(format!(
+                        "{}'s subordinate ids {start}-{} ({file})",
+                        entry[0],
+                        end - 1
+                    ));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Without `sandbox_user`, the default account must exist all the same when

@@ -545,3 +545,148 @@ fn a_listener_port_the_kernel_may_hand_out_is_warned_about() {
         .host_warnings()
         .is_empty());
 }
+
+#[test]
+fn sandbox_uids_and_limits_have_defaults_and_are_read() {
+    let c = ok("");
+    assert_eq!(c.interceptor.sandbox_uids, None, "sandbox_user for all");
+    assert_eq!(
+        c.interceptor.sandbox_limits,
+        SandboxLimits {
+            nofile: 4096,
+            nproc: 512
+        }
+    );
+    let c = ok("[interceptor]\nsandbox_uids = \"3000000000-3000000099\"\n\
+         sandbox_limits = { nofile = 1024, nproc = 64 }\n\
+         [tenants.a]\n[tenants.b]\n");
+    let range = c.interceptor.sandbox_uids.unwrap();
+    assert_eq!(
+        (range.first, range.last, range.size()),
+        (3000000000, 3000000099, 100)
+    );
+    assert_eq!(
+        c.interceptor.sandbox_limits,
+        SandboxLimits {
+            nofile: 1024,
+            nproc: 64
+        }
+    );
+    // Only nproc given: nofile keeps its default.
+    let c = ok("[interceptor]\nsandbox_limits = { nproc = 100 }\n");
+    assert_eq!(c.interceptor.sandbox_limits.nofile, 4096);
+}
+
+#[test]
+fn a_uid_range_with_root_or_backwards_or_malformed_is_refused_where_it_is_written() {
+    for (range, why) in [
+        ("0-100", "\"0-100\" includes uid 0, root"),
+        ("3000000100-3000000000", "3000000100 is above 3000000000"),
+        ("3000000000", "is not a range of uids"),
+        ("-5-10", "is not a range of uids"),
+        ("a-b", "is not a range of uids"),
+        ("3000000000-4294967295", "which is no uid"),
+        ("3000000000-99999999999", "is not a range of uids"),
+    ] {
+        let errs = errors(&format!("[interceptor]\nsandbox_uids = \"{range}\"\n"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with(&format!("{FILE}:2:16: `sandbox_uids`: ")) && errs[0].contains(why),
+            "{range}: {errs:?}"
+        );
+    }
+    let errs = errors("[interceptor]\nsandbox_uids = 5\n");
+    assert!(
+        errs[0].contains(":2:16: `sandbox_uids` must be a string"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_uid_range_holding_a_users_or_groups_id_is_refused() {
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("this host has a nobody user")
+        .uid
+        .as_raw();
+    let range = format!("{}-{}", nobody - 1, nobody + 1);
+    let errs = errors(&format!("[interceptor]\nsandbox_uids = \"{range}\"\n"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with(&format!("{FILE}:2:16: `sandbox_uids`: {range} includes ")),
+        "{errs:?}"
+    );
+
+    let r = UidRange {
+        first: 100_000,
+        last: 100_999,
+    };
+    let passwd = "root:x:0:0::/root:/bin/sh\n# comment\nalice:x:1000:1000::/home/alice:/bin/sh\n";
+    let group = "root:x:0:\nusers:x:100:\n";
+    assert_eq!(parse::ids_in_use(r, passwd, group, "", ""), None);
+    assert_eq!(
+        parse::ids_in_use(r, "svc:x:100500:1::/:/bin/false\n", group, "", "").as_deref(),
+        Some("uid 100500 of user svc (/etc/passwd)")
+    );
+    assert_eq!(
+        parse::ids_in_use(r, passwd, "grp:x:100999:\n", "", "").as_deref(),
+        Some("gid 100999 of group grp (/etc/group)")
+    );
+    // Subordinate ids [start, start + count): touching the range's ends counts,
+    // stopping just short of it does not.
+    assert_eq!(
+        parse::ids_in_use(r, passwd, group, "alice:100000:65536\n", "").as_deref(),
+        Some("alice's subordinate ids 100000-165535 (/etc/subuid)")
+    );
+    assert_eq!(
+        parse::ids_in_use(r, passwd, group, "alice:36000:64000\n", ""),
+        None
+    );
+    assert!(parse::ids_in_use(r, passwd, group, "", "bob:36000:64001\n").is_some());
+    assert_eq!(
+        parse::ids_in_use(r, passwd, group, "", "bob:101000:10\n"),
+        None
+    );
+}
+
+#[test]
+fn a_uid_range_smaller_than_the_tenants_is_a_config_error() {
+    let errs = errors(
+        "[interceptor]\nsandbox_uids = \"3000000000-3000000001\"\n\
+         [tenants.a]\n[tenants.b]\n[tenants.c]\n",
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with(&format!(
+            "{FILE}:2:16: `sandbox_uids` 3000000000-3000000001 holds 2 uid(s), fewer than the 3 tenants configured"
+        )),
+        "{errs:?}"
+    );
+    ok("[interceptor]\nsandbox_uids = \"3000000000-3000000002\"\n\
+        [tenants.a]\n[tenants.b]\n[tenants.c]\n");
+}
+
+#[test]
+fn sandbox_limits_are_checked_key_by_key() {
+    let errs = errors("[interceptor]\nsandbox_limits = { nofile = 10, nproc = 0, cpu = 1 }\n");
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert!(
+        errs[0].contains(":2:29: `nofile` must be between 64 and 1048576, not 10"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].contains(":2:41: `nproc` must be between 16 and 4194304, not 0"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[2].contains(
+            ":2:44: unknown key `cpu` in `sandbox_limits`; expected one of: nofile, nproc"
+        ),
+        "{errs:?}"
+    );
+    let errs = errors("[interceptor]\nsandbox_limits = 4096\n");
+    assert!(
+        errs[0].contains(":2:18: `sandbox_limits` must be a table, not an integer"),
+        "{errs:?}"
+    );
+}

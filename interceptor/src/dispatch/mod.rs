@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::accept_until;
-use crate::config::{Config, DispatchNamespace};
+use crate::config::{Config, DispatchNamespace, SandboxLimits};
 use crate::context::{ContextKey, RequestContext, CONTEXT_HEADER};
 use crate::policy::{OutboundPolicy, Params};
 use crate::tenants::{SandboxRegistry, WorkerId};
@@ -98,6 +98,9 @@ pub struct WorkerStatus {
     pub starts: u64,
     /// The first 12 hex digits of the SHA-256 of the `.wasm` it runs.
     pub component: String,
+    /// The uid its process runs as.
+    #[serde(default)]
+    pub uid: u32,
 }
 
 /// What every namespace shares: the runtime, the compiled components, the key.
@@ -106,8 +109,8 @@ struct Shared {
     cache: ArtifactCache,
     key: Arc<ContextKey>,
     sandboxes: Arc<SandboxRegistry>,
-    uid: u32,
-    gid: u32,
+    /// The rlimits of every Worker process.
+    limits: SandboxLimits,
     relay: SocketAddr,
     exe: PathBuf,
     next_request: AtomicU64,
@@ -133,8 +136,7 @@ impl Dispatchers {
         sandboxes: Arc<SandboxRegistry>,
         policies: &BTreeMap<String, Arc<OutboundPolicy>>,
         key: Arc<ContextKey>,
-        uid: u32,
-        gid: u32,
+        limits: SandboxLimits,
     ) -> Result<Dispatchers, DispatchError> {
         if config.dispatch_namespaces.is_empty() {
             return Ok(Dispatchers {
@@ -149,8 +151,7 @@ impl Dispatchers {
             cache: ArtifactCache::default(),
             key,
             sandboxes: sandboxes.clone(),
-            uid,
-            gid,
+            limits,
             relay: config.interceptor.relay.into(),
             exe,
             next_request: AtomicU64::new(1),
@@ -443,6 +444,7 @@ impl Namespace {
                     in_flight: p.inflight(),
                     starts: slot.starts.load(Ordering::Relaxed),
                     component: p.hash.short(),
+                    uid: p.uid,
                 })
             })
             .collect();
@@ -896,8 +898,11 @@ impl Namespace {
             relay: self.shared.relay,
             limits: self.config.limits,
             cgroup: &sandbox.cgroup,
-            uid: self.shared.uid,
-            gid: self.shared.gid,
+            who: crate::sandbox::Identity {
+                uid: sandbox.uid,
+                gid: sandbox.gid,
+                limits: self.shared.limits,
+            },
             artifact,
             kill_all: &self.shared.kill_all,
         };

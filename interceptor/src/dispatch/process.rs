@@ -1,5 +1,5 @@
 //! One Worker process: `<exe> worker --name NAME --relay ADDR [--cpu-ms N]
-//! [--memory-mb N]`, started in its cgroup as the sandbox user with no new
+//! [--memory-mb N]`, started in its cgroup as its own uid with no new
 //! privileges, in a session of its own, with the environment cleared and
 //! exactly these descriptors: 0 and 1 on /dev/null, 2 a pipe the daemon logs,
 //! 3 its end of the private channel (a Unix socketpair) and 4 a read-only
@@ -48,8 +48,8 @@ pub struct SpawnSpec<'a> {
     pub relay: SocketAddr,
     pub limits: Limits,
     pub cgroup: &'a Path,
-    pub uid: u32,
-    pub gid: u32,
+    /// The Worker's uid, gid and rlimits.
+    pub who: crate::sandbox::Identity,
     pub artifact: &'a Arc<Artifact>,
     /// Cancelling it stops this process (and every other started with it).
     pub kill_all: &'a CancellationToken,
@@ -66,6 +66,8 @@ struct State {
 /// A running (or exited, not yet replaced) Worker process.
 pub struct Process {
     pub pid: u32,
+    /// The uid it runs as.
+    pub uid: u32,
     pub hash: ContentHash,
     pub started: Instant,
     sender: http2::SendRequest<Incoming>,
@@ -223,6 +225,7 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
     let (ours, theirs) = socketpair()?;
     let theirs = raise_fd(theirs, COMPONENT_FD + 1)?;
     let component = raise_fd(spec.artifact.open_read_only()?, COMPONENT_FD + 1)?;
+    let filter = crate::sandbox::syscall_filter().map_err(io::Error::other)?;
     let ruleset = crate::sandbox::isolation_ruleset()?
         .map(|fd| raise_fd(fd, COMPONENT_FD + 1))
         .transpose()?;
@@ -254,7 +257,7 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
     let (procs_fd, channel_fd, component_fd) =
         (procs.as_raw_fd(), theirs.as_raw_fd(), component.as_raw_fd());
     let ruleset_fd = ruleset.as_ref().map(|fd| fd.as_raw_fd());
-    let (uid, gid) = (spec.uid, spec.gid);
+    let who = spec.who;
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {
         cmd.pre_exec(move || {
@@ -268,7 +271,7 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
             {
                 return Err(io::Error::last_os_error());
             }
-            crate::sandbox::enter(procs_fd, uid, gid, ruleset_fd, (COMPONENT_FD + 1) as u32)
+            crate::sandbox::enter(procs_fd, who, ruleset_fd, filter, (COMPONENT_FD + 1) as u32)
         });
     }
     let mut child = cmd.spawn()?;
@@ -316,6 +319,7 @@ pub async fn spawn(spec: SpawnSpec<'_>, tasks: &TaskTracker) -> io::Result<Arc<P
     let process = match open_channel(ours, tasks, &label, pid).await {
         Ok(sender) => Arc::new(Process {
             pid,
+            uid: who.uid,
             hash: spec.artifact.hash,
             started: Instant::now(),
             sender,
