@@ -50,6 +50,12 @@ pub struct RedirectConfig {
     /// Host byte order.
     pub dns_port: u16,
     pub ready: u32,
+    /// cgroup v2 id of the subtree root: the task-keyed (LSM) programs act on
+    /// the tasks below it, whichever socket they use.
+    pub subtree_cgroup_id: u64,
+    /// Depth of the subtree root under the cgroup v2 root (its ancestor level).
+    pub subtree_level: u32,
+    pub _pad: u32,
 }
 
 /// Names of the maps in the eBPF object, used by user space to find them.
@@ -60,7 +66,34 @@ pub mod maps {
     pub const RELAY_HANDOFF: &str = "RELAY_HANDOFF";
     /// `Array<RedirectConfig>` with one entry.
     pub const REDIRECT_CONFIG: &str = "REDIRECT_CONFIG";
+    /// `HashMap<u16 port, u8>`: the daemon's listening ports, refused to every
+    /// bind in the subtree (dispatch `listen` and metrics beside relay and DNS).
+    pub const GUARDED_PORTS: &str = "GUARDED_PORTS";
+    /// `HashMap<u64 socket cookie, u8>`: inet sockets created by sandboxed
+    /// tasks. A sandboxed task may use no other inet socket (one passed in).
+    pub const SANDBOX_SOCKETS: &str = "SANDBOX_SOCKETS";
+    /// `PerCpuArray<u64>` indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
 }
+
+/// What the programs count, per CPU (`COUNTERS` map index).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets leaving a sandbox's socket for anything but the relay or DNS listener.
+    EgressDropped = 0,
+    /// Packets reaching a sandbox's socket from anything but the relay or DNS listener.
+    IngressDropped = 1,
+    /// Socket calls of sandboxed tasks the LSM programs refused.
+    CallsRefused = 2,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 3;
+}
+
+/// Most daemon ports the bind hooks guard (relay, DNS, each dispatch `listen`, metrics).
+pub const MAX_GUARDED_PORTS: u32 = 256;
 
 /// Map sizes: bounded so a sandbox cannot exhaust kernel memory.
 pub const MAX_TRACKED_SOCKETS: u32 = 65536;

@@ -12,8 +12,19 @@
 //! Return values: for connect/sendmsg/sock_create, `1` allows and `0` refuses
 //! (the caller gets `EPERM`); recvmsg/getpeername/sock_release/sock_ops must
 //! return `1`.
+//!
+//! Beside these socket-keyed cgroup programs: `options` refuses socket options
+//! that route around the rewrite, `backstop` drops packets for or from anywhere
+//! but the daemon, `tasks` (attached to the cgroup root) refuses sandboxed
+//! tasks the sockets they did not create, and `lsm` is the same task-keyed
+//! line as BPF LSM programs where the kernel takes them.
 #![no_std]
 #![no_main]
+
+mod backstop;
+mod lsm;
+mod options;
+mod tasks;
 
 use core::{
     ffi::c_void,
@@ -24,13 +35,19 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
     macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use interceptor_common::{
-    ClientSocket, OriginalDestination, RedirectConfig, AF_INET, AF_INET6, MAX_TRACKED_SOCKETS,
+    ClientSocket, Counter, OriginalDestination, RedirectConfig, AF_INET, AF_INET6,
+    MAX_GUARDED_PORTS, MAX_TRACKED_SOCKETS,
 };
+
+/// The LSM programs need a GPL-compatible license; the crate is MIT or GPL-2.0.
+#[no_mangle]
+#[link_section = "license"]
+pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 /// Socket cookie → where that socket asked to go.
 #[map]
@@ -46,6 +63,28 @@ static RELAY_HANDOFF: LruHashMap<ClientSocket, OriginalDestination> =
 /// One entry, written by the daemon. `ready == 0` refuses everything.
 #[map]
 static REDIRECT_CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+
+/// The daemon's listening ports, refused to every bind in the subtree.
+#[map]
+static GUARDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_GUARDED_PORTS, 0);
+
+/// Cookies of the inet sockets sandboxed tasks created (filled by the LSM
+/// `socket_post_create` program, emptied on release). Not an LRU: a full map
+/// refuses new sockets rather than forgetting live ones.
+#[map]
+static SANDBOX_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+
+/// Per-CPU counts, indexed by [`Counter`].
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(n) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot: no other program writes it concurrently.
+        unsafe { *n += 1 };
+    }
+}
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -272,18 +311,23 @@ fn redirect6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
     ALLOW
 }
 
-/// No socket in the subtree may take the relay's or the DNS listener's port, on
-/// any address: while the daemon is down (its programs and config stay), a
-/// sandbox bound there would keep the restarted daemon from listening, and
-/// receive the connections the hooks send there.
+/// No socket in the subtree may take one of the daemon's ports (relay, DNS,
+/// dispatch `listen`, metrics), on any address: while the daemon is down (its
+/// programs and maps stay), a sandbox bound there would keep the restarted
+/// daemon from listening, and receive the connections meant for it.
 #[inline(always)]
 fn guarded_port(port: u16) -> bool {
-    config().is_some_and(|cfg| port != 0 && (port == cfg.relay_port || port == cfg.dns_port))
+    // SAFETY: the value is only tested for presence.
+    port != 0 && unsafe { GUARDED_PORTS.get(&port) }.is_some()
 }
 
+/// No inbound: a sandbox binds no TCP socket (a listener needs one: what
+/// `listen()` binds by itself gets nothing, the backstop drops what comes from
+/// outside), and no socket on a daemon port.
 #[inline(always)]
 fn guard_bind(ctx: &SockAddrContext) -> i32 {
-    if guarded_port(read_user_port(ctx.sock_addr)) {
+    let (sock_type, _) = sock_type_protocol(ctx.sock_addr);
+    if sock_type == SOCK_STREAM || guarded_port(read_user_port(ctx.sock_addr)) {
         REFUSE
     } else {
         ALLOW
@@ -475,6 +519,7 @@ pub fn icpt_release(ctx: SockContext) -> i32 {
     // SAFETY: plain helper call valid in cgroup sock programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = SOCKET_DESTINATIONS.remove(&cookie);
+    let _ = SANDBOX_SOCKETS.remove(&cookie);
     1
 }
 
@@ -494,11 +539,16 @@ pub fn icpt_sockcreate(ctx: SockContext) -> i32 {
     let inet = family == AF_INET as u32 || family == AF_INET6 as u32;
     let tcp = sock_type == SOCK_STREAM && (protocol == IPPROTO_TCP || protocol == 0);
     let udp = sock_type == SOCK_DGRAM && (protocol == IPPROTO_UDP || protocol == 0);
-    if inet && (tcp || udp) {
-        ALLOW
-    } else {
-        REFUSE
+    if !(inet && (tcp || udp)) {
+        return REFUSE;
     }
+    // SAFETY: plain helper call valid in cgroup sock programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if SANDBOX_SOCKETS.insert(&cookie, &1, 0).is_err() {
+        // Full: a socket the task-keyed hooks would take for one passed in.
+        return REFUSE;
+    }
+    ALLOW
 }
 
 #[cfg(not(test))]

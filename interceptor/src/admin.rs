@@ -64,6 +64,12 @@ pub struct Status {
     pub dns: Vec<String>,
     pub log_dir: PathBuf,
     pub attached: Vec<AttachedProgramStatus>,
+    /// `active`, or why the task-keyed LSM programs do not run here.
+    #[serde(default)]
+    pub lsm: String,
+    /// What the programs refused since the daemon started.
+    #[serde(default)]
+    pub enforcement: crate::ebpf::EnforcementCounts,
     pub tenants: BTreeMap<String, TenantCounters>,
     /// Dispatch namespaces and their running Worker processes.
     #[serde(default)]

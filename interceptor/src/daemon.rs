@@ -278,9 +278,19 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     )?);
 
     // Last of the fallible steps: from here on, the subtree is enforced.
-    let mut enforcement = Enforcement::load(&targets)?;
-    enforcement.attach(&root)?;
+    let mut enforcement = Enforcement::load(&targets, &root)?;
+    enforcement.guard_ports(dispatch_addrs.iter().map(SocketAddr::port))?;
+    enforcement.attach()?;
     tracing::info!(cgroup = %root.display(), "eBPF programs attached");
+    let lsm = match enforcement.lsm_state() {
+        ebpf::LsmState::Active => "active".to_string(),
+        ebpf::LsmState::Inactive(why) => {
+            tracing::warn!(
+                "no task-keyed LSM programs: {why}; sandboxes rely on their seccomp filter"
+            );
+            format!("inactive: {why}")
+        }
+    };
     dispatchers.serve(dispatch_listeners, &shutdown, &tracker);
 
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -289,7 +299,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         sandboxes: sandboxes.clone(),
         recorder: recorder.clone(),
         resolver: resolver.clone(),
-        forwarders: dns::forwarders_from_resolv_conf(&resolv_conf, &local.listeners),
+        forwarder: dns::Forwarder::new(dns::forwarders(
+            settings.dns_forwarders.as_deref(),
+            &resolv_conf,
+            &local.listeners,
+        )),
+        in_flight: dns::InFlightLimit::new(settings.dns_max_in_flight_per_tenant),
     });
     let relay_ctx = RelayContext::new(
         dns_ctx.clone(),
@@ -317,6 +332,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         sandboxes,
         dispatchers: dispatchers.clone(),
         recorder: recorder.clone(),
+        enforcement: enforcement.counters(),
         limits: settings.sandbox_limits,
         withheld_env: policies
             .values()
@@ -337,6 +353,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             dns: vec![dns_v4.to_string(), dns_v6.to_string()],
             log_dir: settings.log_dir.clone(),
             attached: Vec::new(),
+            lsm,
+            enforcement: Default::default(),
             tenants: BTreeMap::new(),
             dispatch: Vec::new(),
             sandbox_uids: settings.sandbox_uids.map(|range| range.to_string()),
@@ -490,6 +508,8 @@ struct AdminHandler {
     limits: crate::config::SandboxLimits,
     /// What `{env:NAME}` templates read: never passed into a sandbox.
     withheld_env: Vec<String>,
+    /// What the eBPF programs count.
+    enforcement: ebpf::EnforcementCounters,
     /// The parts of the status that do not change.
     status: Status,
 }
@@ -542,6 +562,7 @@ impl Handler for AdminHandler {
                         .or_default()
                         .open_connections += tenant.open_connections() as u64;
                 }
+                status.enforcement = self.enforcement.read();
                 status.attached = ebpf::attached_programs(&status.cgroup)
                     .unwrap_or_default()
                     .into_iter()

@@ -269,6 +269,9 @@ pub fn remove_cgroup_tree(dir: &Path) {
     }
     for _ in 0..50 {
         if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            // Its LSM programs could never match a task again: unpin them now
+            // rather than at the next daemon's start.
+            let _ = interceptor::ebpf::forget_subtree(dir);
             return;
         }
         thread::sleep(Duration::from_millis(20));

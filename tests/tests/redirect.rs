@@ -26,6 +26,16 @@ use interceptor_tests::{free_port, privileged, remove_cgroup_tree};
 
 /// A fresh child cgroup of the cgroup2 mount, removed (with whatever still
 /// runs in it) on drop.
+/// Programs attached for a subtree: 18 on the subtree, 6 task-keyed ones at
+/// the cgroup root, and 10 LSM programs where the kernel takes them (these
+/// machines refuse them: see `Enforcement::lsm_state`).
+fn program_count(enforcement: &Enforcement) -> usize {
+    match enforcement.lsm_state() {
+        interceptor::ebpf::LsmState::Active => 34,
+        interceptor::ebpf::LsmState::Inactive(_) => 24,
+    }
+}
+
 struct TestCgroup {
     path: PathBuf,
     id: u64,
@@ -51,10 +61,23 @@ impl Drop for TestCgroup {
 /// Starts `python3 -c script` inside `cgroup` (it moves itself there between
 /// fork and exec), with stdout piped and line-buffered.
 fn sandboxed_python(cgroup: &Path, script: &str) -> (Child, BufReader<ChildStdout>) {
+    sandboxed_python_with_fds(cgroup, script, Stdio::null(), None)
+}
+
+/// Like [`sandboxed_python`], with `stdin` as the child's descriptor 0 and
+/// `fd3` as its descriptor 3 (sockets of the test's own, handed in).
+fn sandboxed_python_with_fds(
+    cgroup: &Path,
+    script: &str,
+    stdin: Stdio,
+    fd3: Option<std::os::fd::OwnedFd>,
+) -> (Child, BufReader<ChildStdout>) {
+    use std::os::fd::AsRawFd;
     let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+    let fd3_raw = fd3.as_ref().map_or(-1, |fd| fd.as_raw_fd());
     let mut cmd = Command::new("python3");
     cmd.args(["-u", "-c", script])
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped());
     // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
     unsafe {
@@ -70,10 +93,14 @@ fn sandboxed_python(cgroup: &Path, script: &str) -> (Child, BufReader<ChildStdou
             if written != 1 {
                 return Err(err);
             }
+            if fd3_raw >= 0 && libc::dup2(fd3_raw, 3) != 3 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
     let mut child = cmd.spawn().expect("start python3 in the test cgroup");
+    drop(fd3);
     let stdout = BufReader::new(child.stdout.take().unwrap());
     (child, stdout)
 }
@@ -220,10 +247,9 @@ fn redirects_tcp_udp_and_dns_of_a_cgroup() {
     let relay_port = free_port();
     let dns_port = free_port();
     let targets = RedirectTargets::loopback(relay_port, dns_port);
-    let mut enforcement = Enforcement::load(&targets).expect("load the eBPF programs");
-    enforcement
-        .attach(&cgroup.path)
-        .expect("attach to the test cgroup");
+    let mut enforcement =
+        Enforcement::load(&targets, &cgroup.path).expect("load the eBPF programs");
+    enforcement.attach().expect("attach to the test cgroup");
     let table = enforcement.destinations();
 
     let relay4 = TcpListener::bind(("127.0.0.1", relay_port)).unwrap();
@@ -371,24 +397,28 @@ fn restart_replaces_programs_and_exit_fails_closed() {
     let relay_port = free_port();
     let targets = RedirectTargets::loopback(relay_port, free_port());
 
-    let mut first = Enforcement::load(&targets).expect("load");
-    first.attach(&cgroup.path).expect("attach");
+    let mut first = Enforcement::load(&targets, &cgroup.path).expect("load");
+    first.attach().expect("attach");
     let before = attached_programs(&cgroup.path).unwrap();
-    assert_eq!(before.len(), 15, "{before:#?}");
+    assert_eq!(before.len(), program_count(&first), "{before:#?}");
     assert!(before.iter().all(|p| p.name.starts_with("icpt_")));
 
     // A second instance (a restarted daemon) swaps its programs in place.
-    let mut second = Enforcement::load(&targets).expect("load again");
-    second.attach(&cgroup.path).expect("attach again");
+    let mut second = Enforcement::load(&targets, &cgroup.path).expect("load again");
+    second.attach().expect("attach again");
     let after = attached_programs(&cgroup.path).unwrap();
-    assert_eq!(after.len(), 15, "replaced, not added: {after:#?}");
+    assert_eq!(
+        after.len(),
+        program_count(&second),
+        "replaced, not added: {after:#?}"
+    );
     for (old, new) in before.iter().zip(&after) {
         assert_eq!(old.attach_type, new.attach_type);
         assert_eq!(old.name, new.name);
         assert_ne!(old.id, new.id, "{} was not replaced", new.name);
     }
     // Attaching the same instance again changes nothing.
-    second.attach(&cgroup.path).expect("attach twice");
+    second.attach().expect("attach twice");
     assert_eq!(attached_programs(&cgroup.path).unwrap(), after);
 
     // The "daemon" goes away: every fd of ours is closed, the programs stay,
@@ -410,4 +440,179 @@ except OSError as e:
     let (child, mut out) = sandboxed_python(&cgroup.path, &script);
     assert_eq!(expect_line(&mut out, "connect"), "ECONNREFUSED");
     wait_success(child, &mut out);
+}
+
+/// What the attempts of the scripts below print: `NAME=ok` or `NAME=ERRNO`.
+const ATTEMPT: &str = "
+import ctypes, errno, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def attempt(name, f):
+    try:
+        f()
+        print(name + '=ok')
+    except OSError as e:
+        print(name + '=' + errno.errorcode.get(e.errno, str(e.errno)))
+# A type-4 (segment routing) IPv6 routing header with one segment, ::1.
+SRH = bytes([17, 2, 4, 0, 0, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, '::1')
+# An IPv6 destination-options header holding only padding.
+DSTOPTS = bytes([17, 0, 1, 4, 0, 0, 0, 0])
+";
+
+/// An unconnected TCP socket of the test's own (outside the cgroup).
+fn outside_tcp_socket() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2); the new descriptor is ours alone.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: just created, owned by nobody else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// What the socket-keyed hooks cannot see is refused all the same: a socket
+/// created outside the subtree and handed in (the task-keyed programs at the
+/// cgroup root follow who uses it), options that route a packet elsewhere, and
+/// binding a TCP socket (a listener's first step). The legitimate uses beside
+/// each still work.
+#[test]
+fn sockets_from_outside_routing_options_and_listeners_are_refused() {
+    if !privileged("sockets_from_outside_routing_options_and_listeners_are_refused") {
+        return;
+    }
+    let cgroup = TestCgroup::new("tasks");
+    let relay_port = free_port();
+    let targets = RedirectTargets::loopback(relay_port, free_port());
+    let mut enforcement = Enforcement::load(&targets, &cgroup.path).expect("load");
+    enforcement.attach().expect("attach");
+    let relay4 = TcpListener::bind(("127.0.0.1", relay_port)).unwrap();
+    // Where a socket that escaped the hooks would land: a server outside.
+    let outside = interceptor_tests::EchoServer::start("127.0.0.9:0");
+    let port = outside.addr.port();
+
+    let script = format!(
+        "{ATTEMPT}
+attempt('unix', lambda: socket.socket(socket.AF_UNIX).close())
+def listen(family, addr):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.bind(addr)
+    s.listen()
+attempt('listen4', lambda: listen(socket.AF_INET, ('127.0.0.1', 0)))
+attempt('listen6', lambda: listen(socket.AF_INET6, ('::1', 0)))
+attempt('listen_unix', lambda: listen(socket.AF_UNIX, '\\0icpt-test-%d' % os.getpid()))
+attempt('udp_bind', lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).bind(('127.0.0.1', 0)))
+attempt('rthdr', lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).setsockopt(socket.IPPROTO_IPV6, 57, SRH))
+attempt('ip_options', lambda: socket.socket().setsockopt(socket.IPPROTO_IP, 4, bytes([1, 1, 1, 0])))
+attempt('bindtodevice', lambda: socket.socket().setsockopt(socket.SOL_SOCKET, 25, b'lo'))
+attempt('tos', lambda: socket.socket().setsockopt(socket.IPPROTO_IP, 1, 16))
+passed = socket.socket(fileno=0)
+attempt('passed_bind', lambda: passed.bind(('127.0.0.1', 0)))
+attempt('passed_connect', lambda: passed.connect(('127.0.0.9', {port})))
+udp = socket.socket(fileno=3)
+attempt('passed_sendto', lambda: udp.sendto(b'x', ('127.0.0.9', 53)))
+own = socket.socket()
+own.settimeout(5)
+attempt('own_connect', lambda: own.connect(('127.0.0.9', {port})))
+print('done=1')
+"
+    );
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (child, mut out) = sandboxed_python_with_fds(
+        &cgroup.path,
+        &script,
+        Stdio::from(outside_tcp_socket()),
+        Some(std::os::fd::OwnedFd::from(udp)),
+    );
+    for (name, expected) in [
+        ("unix", "ok"),
+        ("listen4", "EPERM"),
+        ("listen6", "EPERM"),
+        ("listen_unix", "ok"),
+        ("udp_bind", "ok"),
+        ("rthdr", "EPERM"),
+        ("ip_options", "EPERM"),
+        ("bindtodevice", "EPERM"),
+        ("tos", "ok"),
+        ("passed_bind", "EPERM"),
+        ("passed_connect", "EPERM"),
+        ("passed_sendto", "EPERM"),
+    ] {
+        assert_eq!(expect_line(&mut out, name), expected, "{name}");
+    }
+    // The sandbox's own socket is redirected to the relay as always.
+    let (_conn, _) = accept(&relay4);
+    assert_eq!(expect_line(&mut out, "own_connect"), "ok");
+    assert_eq!(expect_line(&mut out, "done"), "1");
+    wait_success(child, &mut out);
+    assert_eq!(outside.connections(), 0, "a passed-in socket got out");
+    assert!(enforcement.counters().read().calls_refused >= 6);
+}
+
+/// Whatever a packet's header says beyond what the hooks rewrote (here an IPv6
+/// extension header given as ancillary data, which no socket hook sees), it
+/// leaves a sandbox's socket only for the relay or DNS listener, and a sandbox
+/// socket hears only from them. Everything else is dropped and counted.
+#[test]
+fn the_packet_backstop_drops_what_leaves_for_or_comes_from_anywhere_else() {
+    if !privileged("the_packet_backstop_drops_what_leaves_for_or_comes_from_anywhere_else") {
+        return;
+    }
+    let cgroup = TestCgroup::new("backstop");
+    let dns_port = free_port();
+    let targets = RedirectTargets::loopback(free_port(), dns_port);
+    let mut enforcement = Enforcement::load(&targets, &cgroup.path).expect("load");
+    enforcement.attach().expect("attach");
+    let dns4 = UdpSocket::bind(("127.0.0.1", dns_port)).unwrap();
+    let dns6 = UdpSocket::bind(("::1", dns_port)).unwrap();
+    dns6.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    dns4.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+
+    let script = format!(
+        "{ATTEMPT}
+listener = socket.socket()
+listener.listen()
+listener.settimeout(2)
+print('listening=%d' % listener.getsockname()[1])
+attempt('accepted', lambda: print('peer=%s' % (listener.accept()[1],)))
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+attempt('routed', lambda: s6.sendmsg([b'routed'], [(socket.IPPROTO_IPV6, 59, DSTOPTS)], 0, ('::1', 53)))
+attempt('plain6', lambda: s6.sendto(b'plain6', ('::1', 53)))
+s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s4.bind(('127.0.0.1', 0))
+s4.settimeout(3)
+s4.sendto(b'query', ('127.0.0.1', 53))
+print('port=%d' % s4.getsockname()[1])
+data, _ = s4.recvfrom(100)
+print('answer=' + data.decode())
+attempt('stranger', lambda: print('heard=' + s4.recvfrom(100)[0].decode()))
+"
+    );
+    let (child, mut out) = sandboxed_python(&cgroup.path, &script);
+    let port: u16 = expect_line(&mut out, "listening").parse().unwrap();
+    // A listener the kernel bound by itself hears nothing from outside.
+    let knock = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    );
+    assert!(knock.is_err(), "an outsider reached a sandbox's listener");
+    assert_eq!(expect_line(&mut out, "accepted"), "None");
+    assert_eq!(expect_line(&mut out, "routed"), "EPERM");
+    assert_eq!(expect_line(&mut out, "plain6"), "ok");
+    let mut buf = [0u8; 64];
+    let (n, _) = dns6.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"plain6", "only the plain datagram arrives");
+
+    let port: u16 = expect_line(&mut out, "port").parse().unwrap();
+    let (n, from) = dns4.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"query");
+    // Someone else writes to the sandbox's socket first; then the DNS listener answers.
+    stranger.send_to(b"stranger", ("127.0.0.1", port)).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    dns4.send_to(b"answer", from).unwrap();
+    assert_eq!(expect_line(&mut out, "answer"), "answer");
+    // A timeout: the stranger's datagram never reached the socket.
+    assert_eq!(expect_line(&mut out, "stranger"), "None");
+    wait_success(child, &mut out);
+    let counts = enforcement.counters().read();
+    assert!(counts.egress_dropped >= 1, "{counts:?}");
+    assert!(counts.ingress_dropped >= 1, "{counts:?}");
 }

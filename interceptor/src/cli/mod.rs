@@ -233,10 +233,16 @@ fn status(config: Option<&Path>, json: bool) -> Result<i32, CliError> {
     println!("cgroup: {}", status.cgroup.display());
     for program in &status.attached {
         println!(
-            "  attached {:<16} id {:<6} {}",
+            "  attached {:<22} id {:<6} {}",
             program.attach_type, program.id, program.name
         );
     }
+    println!("lsm: {}", status.lsm);
+    let e = &status.enforcement;
+    println!(
+        "refused: {} packets out, {} packets in, {} socket calls",
+        e.egress_dropped, e.ingress_dropped, e.calls_refused
+    );
     if let Some(range) = &status.sandbox_uids {
         println!("sandbox uids: {range}");
     }

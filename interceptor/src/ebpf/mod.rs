@@ -8,8 +8,13 @@
 //! listens on and fail (fail closed). A restarted daemon swaps its new
 //! programs in atomically over the old ones (`BPF_F_REPLACE`), recognising
 //! them by name (every program is called `icpt_*`).
+//!
+//! The BPF LSM programs, which judge by the current *task* (whatever socket it
+//! uses), attach through links instead; those are pinned on a bpffs (see
+//! `pins`) so that they too stay when the daemon dies.
 
 mod cgroup;
+mod pins;
 mod sys;
 
 use std::{
@@ -23,13 +28,15 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, IterableMap, MapData, MapError},
+    maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray},
     programs::{Program, ProgramError},
-    Ebpf,
+    Btf, Ebpf, EbpfLoader,
 };
 pub use cgroup::{cgroup2_mount, cgroup_id};
 pub use interceptor_common::OriginalDestination;
-use interceptor_common::{maps, ClientSocket, RedirectConfig, PROGRAM_PREFIX};
+use interceptor_common::{
+    maps, ClientSocket, Counter, RedirectConfig, MAX_GUARDED_PORTS, PROGRAM_PREFIX,
+};
 
 /// The eBPF object built by `build.rs` from `interceptor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor.bpf.o"));
@@ -113,6 +120,25 @@ pub enum EbpfError {
          interceptor needs cgroup v2"
     )]
     NoCgroup2,
+    #[error(
+        "cannot read the kernel's BTF (/sys/kernel/btf/vmlinux), which the LSM programs need: {0}"
+    )]
+    Btf(#[source] aya::BtfError),
+    #[error("cannot attach LSM program `{program}` (hook {hook}): {source}")]
+    AttachLsm {
+        program: &'static str,
+        hook: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("bpffs pin {}: {source}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("more than {MAX_GUARDED_PORTS} daemon ports to guard")]
+    TooManyPorts,
 }
 
 /// Where the programs send what they redirect.
@@ -161,11 +187,15 @@ impl RedirectTargets {
             relay_port: self.relay_v4.port(),
             dns_port: self.dns_v4.port(),
             ready: 1,
+            // Set by `Enforcement::load`, which knows the subtree.
+            subtree_cgroup_id: 0,
+            subtree_level: 0,
+            _pad: 0,
         })
     }
 }
 
-/// One program of the object and where it goes.
+/// One cgroup program of the object and where it goes.
 struct ProgramSpec {
     /// Function (and kernel program) name, ≤ 15 characters.
     name: &'static str,
@@ -175,6 +205,8 @@ struct ProgramSpec {
 /// The cgroup attach types the programs use (`enum bpf_attach_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AttachType {
+    InetIngress = 0,
+    InetEgress = 1,
     SockCreate = 2,
     SockOps = 3,
     Bind4 = 8,
@@ -189,12 +221,28 @@ enum AttachType {
     Recvmsg6 = 20,
     Getpeername4 = 29,
     Getpeername6 = 30,
+    SetSockopt = 22,
     SockRelease = 34,
 }
 
 impl AttachType {
+    /// As `status` shows a task-keyed program attached at the cgroup root.
+    fn root_name(self) -> &'static str {
+        match self {
+            Self::Bind4 => "root/bind4",
+            Self::Bind6 => "root/bind6",
+            Self::Sendmsg4 => "root/sendmsg4",
+            Self::Sendmsg6 => "root/sendmsg6",
+            Self::Connect4 => "root/connect4",
+            Self::Connect6 => "root/connect6",
+            _ => "root",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
+            Self::InetIngress => "ingress",
+            Self::InetEgress => "egress",
             Self::SockCreate => "sock_create",
             Self::SockOps => "sock_ops",
             Self::Bind4 => "bind4",
@@ -209,97 +257,135 @@ impl AttachType {
             Self::Recvmsg6 => "recvmsg6",
             Self::Getpeername4 => "getpeername4",
             Self::Getpeername6 => "getpeername6",
+            Self::SetSockopt => "setsockopt",
             Self::SockRelease => "sock_release",
         }
     }
 }
 
-/// In attach order: bookkeeping first, the redirects last, so a redirected
-/// connection always finds the hand-off and restore programs in place.
+const fn spec(name: &'static str, attach_type: AttachType) -> ProgramSpec {
+    ProgramSpec { name, attach_type }
+}
+
+/// In attach order: bookkeeping first, then the guards and the packet
+/// backstop, the redirects last, so a redirected connection always finds the
+/// hand-off and restore programs in place.
 const PROGRAMS: &[ProgramSpec] = &[
-    ProgramSpec {
-        name: "icpt_sockcreate",
-        attach_type: AttachType::SockCreate,
-    },
-    ProgramSpec {
-        name: "icpt_release",
-        attach_type: AttachType::SockRelease,
-    },
-    ProgramSpec {
-        name: "icpt_sockops",
-        attach_type: AttachType::SockOps,
-    },
-    ProgramSpec {
-        name: "icpt_recvmsg4",
-        attach_type: AttachType::Recvmsg4,
-    },
-    ProgramSpec {
-        name: "icpt_recvmsg6",
-        attach_type: AttachType::Recvmsg6,
-    },
-    ProgramSpec {
-        name: "icpt_peername4",
-        attach_type: AttachType::Getpeername4,
-    },
-    ProgramSpec {
-        name: "icpt_peername6",
-        attach_type: AttachType::Getpeername6,
-    },
-    ProgramSpec {
-        name: "icpt_bind4",
-        attach_type: AttachType::Bind4,
-    },
-    ProgramSpec {
-        name: "icpt_bind6",
-        attach_type: AttachType::Bind6,
-    },
-    ProgramSpec {
-        name: "icpt_postbind4",
-        attach_type: AttachType::PostBind4,
-    },
-    ProgramSpec {
-        name: "icpt_postbind6",
-        attach_type: AttachType::PostBind6,
-    },
-    ProgramSpec {
-        name: "icpt_sendmsg4",
-        attach_type: AttachType::Sendmsg4,
-    },
-    ProgramSpec {
-        name: "icpt_sendmsg6",
-        attach_type: AttachType::Sendmsg6,
-    },
-    ProgramSpec {
-        name: "icpt_connect4",
-        attach_type: AttachType::Connect4,
-    },
-    ProgramSpec {
-        name: "icpt_connect6",
-        attach_type: AttachType::Connect6,
-    },
+    spec("icpt_sockcreate", AttachType::SockCreate),
+    spec("icpt_release", AttachType::SockRelease),
+    spec("icpt_sockops", AttachType::SockOps),
+    spec("icpt_recvmsg4", AttachType::Recvmsg4),
+    spec("icpt_recvmsg6", AttachType::Recvmsg6),
+    spec("icpt_peername4", AttachType::Getpeername4),
+    spec("icpt_peername6", AttachType::Getpeername6),
+    spec("icpt_bind4", AttachType::Bind4),
+    spec("icpt_bind6", AttachType::Bind6),
+    spec("icpt_postbind4", AttachType::PostBind4),
+    spec("icpt_postbind6", AttachType::PostBind6),
+    spec("icpt_setsockopt", AttachType::SetSockopt),
+    spec("icpt_egress", AttachType::InetEgress),
+    spec("icpt_ingress", AttachType::InetIngress),
+    spec("icpt_sendmsg4", AttachType::Sendmsg4),
+    spec("icpt_sendmsg6", AttachType::Sendmsg6),
+    spec("icpt_connect4", AttachType::Connect4),
+    spec("icpt_connect6", AttachType::Connect6),
 ];
+
+/// The task-keyed programs attached to the root of the cgroup v2 hierarchy
+/// (through links pinned in the subtree's bpffs directory, so that each
+/// subtree's go with it): they see the sockets created outside the subtree.
+const ROOT_PROGRAMS: &[ProgramSpec] = &[
+    spec("icpt_t_bind4", AttachType::Bind4),
+    spec("icpt_t_bind6", AttachType::Bind6),
+    spec("icpt_t_send4", AttachType::Sendmsg4),
+    spec("icpt_t_send6", AttachType::Sendmsg6),
+    spec("icpt_t_conn4", AttachType::Connect4),
+    spec("icpt_t_conn6", AttachType::Connect6),
+];
+
+/// One BPF LSM program and its hook.
+struct LsmSpec {
+    name: &'static str,
+    /// `lsm/<hook>`, as `status` shows it.
+    attach_type: &'static str,
+}
+
+impl LsmSpec {
+    fn hook(&self) -> &'static str {
+        self.attach_type.trim_start_matches("lsm/")
+    }
+}
+
+const fn lsm(name: &'static str, attach_type: &'static str) -> LsmSpec {
+    LsmSpec { name, attach_type }
+}
+
+/// In attach order: `socket_post_create`, which records the sandbox's own
+/// sockets, before the hooks that refuse every other inet socket.
+const LSM_PROGRAMS: &[LsmSpec] = &[
+    lsm("icpt_l_postcrt", "lsm/socket_post_create"),
+    lsm("icpt_l_create", "lsm/socket_create"),
+    lsm("icpt_l_userns", "lsm/userns_create"),
+    lsm("icpt_l_setsopt", "lsm/socket_setsockopt"),
+    lsm("icpt_l_listen", "lsm/socket_listen"),
+    lsm("icpt_l_accept", "lsm/socket_accept"),
+    lsm("icpt_l_bind", "lsm/socket_bind"),
+    lsm("icpt_l_connect", "lsm/socket_connect"),
+    lsm("icpt_l_sendmsg", "lsm/socket_sendmsg"),
+    lsm("icpt_l_recvmsg", "lsm/socket_recvmsg"),
+];
+
+/// Whether the task-keyed LSM programs run on this kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LsmState {
+    Active,
+    /// Why not: the sandboxes then rely on their seccomp filter alone.
+    Inactive(String),
+}
 
 /// The loaded programs and their maps.
 pub struct Enforcement {
     ebpf: Ebpf,
     table: DestinationTable,
+    counters: EnforcementCounters,
     targets: RedirectTargets,
+    subtree: PathBuf,
+    pin_dir: PathBuf,
+    lsm: LsmState,
 }
 
 impl fmt::Debug for Enforcement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Enforcement")
             .field("targets", &self.targets)
+            .field("subtree", &self.subtree)
+            .field("lsm", &self.lsm)
             .finish_non_exhaustive()
     }
 }
 
 impl Enforcement {
-    /// Loads every program into the kernel (the verifier checks them here)
-    /// and marks the redirect configuration ready. Nothing is attached yet.
-    pub fn load(targets: &RedirectTargets) -> Result<Self, EbpfError> {
-        let config_value = targets.config()?;
-        let mut ebpf = Ebpf::load(OBJECT).map_err(EbpfError::Load)?;
+    /// Loads every program into the kernel (the verifier checks them here) for
+    /// the cgroup subtree `subtree` (which must exist), guards the relay's and
+    /// DNS listener's ports, and marks the redirect configuration ready.
+    /// Nothing is attached yet.
+    pub fn load(targets: &RedirectTargets, subtree: &Path) -> Result<Self, EbpfError> {
+        let mut config_value = targets.config()?;
+        let cgroup_mount = cgroup2_mount()?;
+        config_value.subtree_cgroup_id =
+            cgroup_id(subtree).map_err(|source| EbpfError::OpenCgroup {
+                path: subtree.to_path_buf(),
+                source,
+            })?;
+        config_value.subtree_level = subtree
+            .strip_prefix(&cgroup_mount)
+            .map_or(0, |relative| relative.components().count() as u32);
+        pins::remove_stale(&cgroup_mount);
+        let pin_dir = pins::subtree_dir(&cgroup_mount, subtree)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(&pin_dir)
+            .load(OBJECT)
+            .map_err(EbpfError::Load)?;
 
         {
             let map = ebpf
@@ -318,7 +404,7 @@ impl Enforcement {
                 })?;
         }
 
-        for spec in PROGRAMS {
+        for spec in PROGRAMS.iter().chain(ROOT_PROGRAMS) {
             let program = ebpf
                 .program_mut(spec.name)
                 .ok_or(EbpfError::MissingProgram(spec.name))?;
@@ -326,6 +412,8 @@ impl Enforcement {
                 Program::CgroupSockAddr(p) => p.load(),
                 Program::SockOps(p) => p.load(),
                 Program::CgroupSock(p) => p.load(),
+                Program::CgroupSkb(p) => p.load(),
+                Program::CgroupSockopt(p) => p.load(),
                 _ => return Err(EbpfError::UnexpectedProgramType(spec.name)),
             };
             loaded.map_err(|source| EbpfError::Program {
@@ -334,26 +422,155 @@ impl Enforcement {
             })?;
         }
 
+        let lsm = match pins::bpf_lsm_active() {
+            Ok(true) => match load_lsm(&mut ebpf) {
+                Ok(()) => LsmState::Active,
+                // Some kernels (these CI machines among them) refuse every
+                // BTF-attached program to root too: the cgroup programs stand.
+                Err(e) => LsmState::Inactive(format!("the kernel refused them ({e})")),
+            },
+            Ok(false) => LsmState::Inactive(
+                "the BPF LSM is not active on this kernel (`bpf` is missing from \
+                 /sys/kernel/security/lsm; add it to the lsm= boot parameter)"
+                    .into(),
+            ),
+            Err(e) => LsmState::Inactive(format!("cannot read the active LSMs: {e}")),
+        };
+
         let destinations = take_hash_map(&mut ebpf, maps::SOCKET_DESTINATIONS)?;
         let handoff = take_hash_map(&mut ebpf, maps::RELAY_HANDOFF)?;
-        Ok(Self {
+        let counters = ebpf
+            .take_map(maps::COUNTERS)
+            .ok_or(EbpfError::MissingMap(maps::COUNTERS))?;
+        let counters = PerCpuArray::try_from(counters).map_err(|source| EbpfError::Map {
+            name: maps::COUNTERS,
+            source,
+        })?;
+        let mut enforcement = Self {
             ebpf,
             table: DestinationTable {
                 destinations: Arc::new(destinations),
                 handoff: Arc::new(handoff),
             },
+            counters: EnforcementCounters(Arc::new(counters)),
             targets: *targets,
-        })
+            subtree: subtree.to_path_buf(),
+            pin_dir,
+            lsm,
+        };
+        enforcement.guard_ports([targets.relay_v4.port(), targets.dns_v4.port()])?;
+        Ok(enforcement)
     }
 
-    /// Attaches every program to the cgroup `cgroup_dir` (inherited by every
-    /// cgroup below it) with `BPF_PROG_ATTACH` and `BPF_F_ALLOW_MULTI`.
+    /// Refuses these ports (the daemon's other listeners: dispatch `listen`,
+    /// metrics) to every bind in the subtree, as the relay's and DNS's are.
+    pub fn guard_ports(&mut self, ports: impl IntoIterator<Item = u16>) -> Result<(), EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::GUARDED_PORTS)
+            .ok_or(EbpfError::MissingMap(maps::GUARDED_PORTS))?;
+        let mut guarded: HashMap<_, u16, u8> =
+            HashMap::try_from(map).map_err(|source| EbpfError::Map {
+                name: maps::GUARDED_PORTS,
+                source,
+            })?;
+        for port in ports {
+            guarded.insert(port, 1, 0).map_err(|source| match source {
+                MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                    EbpfError::TooManyPorts
+                }
+                source => EbpfError::Map {
+                    name: maps::GUARDED_PORTS,
+                    source,
+                },
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether the task-keyed LSM programs run here (the task-keyed cgroup
+    /// programs run everywhere).
+    pub fn lsm_state(&self) -> &LsmState {
+        &self.lsm
+    }
+
+    /// Attaches every program: the cgroup programs to the subtree root
+    /// (inherited by every cgroup below it) with `BPF_PROG_ATTACH` and
+    /// `BPF_F_ALLOW_MULTI`, the LSM programs through links pinned in the
+    /// subtree's bpffs directory.
     ///
     /// A program of the same name left by a previous daemon is replaced
-    /// atomically (`BPF_F_REPLACE`), so there is no moment without
+    /// atomically (`BPF_F_REPLACE`; for an LSM program, the new link is in
+    /// place before the old pin goes), so there is no moment without
     /// enforcement and no second copy. The programs stay attached after this
     /// process exits; nothing detaches them on drop.
-    pub fn attach(&mut self, cgroup_dir: &Path) -> Result<(), EbpfError> {
+    pub fn attach(&mut self) -> Result<(), EbpfError> {
+        // Task-keyed first: from the moment the subtree's sockets are
+        // redirected, sockets from outside are refused too.
+        self.attach_to_root()?;
+        if self.lsm == LsmState::Active {
+            self.attach_lsm()?;
+        }
+        self.attach_to_cgroup()
+    }
+
+    fn attach_to_root(&mut self) -> Result<(), EbpfError> {
+        let root_dir = cgroup2_mount()?;
+        let root = open_cgroup(&root_dir)?;
+        for spec in ROOT_PROGRAMS {
+            let program = self
+                .ebpf
+                .program(spec.name)
+                .ok_or(EbpfError::MissingProgram(spec.name))?;
+            let prog_fd = program.fd().map_err(|source| EbpfError::Program {
+                name: spec.name,
+                source,
+            })?;
+            let (our_id, _) = sys::prog_id_name(prog_fd.as_fd()).map_err(EbpfError::ProgramInfo)?;
+            if pins::pinned_program(&self.pin_dir, spec.name) == Some(our_id) {
+                continue;
+            }
+            let link = sys::link_create(prog_fd.as_fd(), root.as_fd(), spec.attach_type as u32)
+                .map_err(|source| EbpfError::Attach {
+                    program: spec.name,
+                    attach_type: spec.attach_type.name(),
+                    cgroup: root_dir.clone(),
+                    source,
+                })?;
+            pins::replace_pin(&self.pin_dir, spec.name, |path| {
+                sys::obj_pin(link.as_fd(), path)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn attach_lsm(&mut self) -> Result<(), EbpfError> {
+        for spec in LSM_PROGRAMS {
+            let Some(Program::Lsm(program)) = self.ebpf.program_mut(spec.name) else {
+                return Err(EbpfError::MissingProgram(spec.name));
+            };
+            let attach_error = |source| EbpfError::AttachLsm {
+                program: spec.name,
+                hook: spec.hook(),
+                source,
+            };
+            let our_id = program.info().map_err(attach_error)?.id();
+            if pins::pinned_program(&self.pin_dir, spec.name) == Some(our_id) {
+                continue;
+            }
+            let link = program.attach().map_err(attach_error)?;
+            let link = program.take_link(link).map_err(attach_error)?;
+            let link = aya::programs::links::FdLink::from(link);
+            pins::replace_pin(&self.pin_dir, spec.name, |path| {
+                link.pin(path).map(drop).map_err(io::Error::other)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn attach_to_cgroup(&mut self) -> Result<(), EbpfError> {
+        let cgroup_dir = self.subtree.clone();
+        let cgroup_dir = cgroup_dir.as_path();
         let cgroup = open_cgroup(cgroup_dir)?;
         for spec in PROGRAMS {
             let program = self
@@ -447,6 +664,47 @@ impl Enforcement {
     pub fn destinations(&self) -> DestinationTable {
         self.table.clone()
     }
+
+    /// A shareable handle on what the programs count, for `status`.
+    pub fn counters(&self) -> EnforcementCounters {
+        self.counters.clone()
+    }
+}
+
+/// What the programs refused, summed over CPUs since they were loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EnforcementCounts {
+    /// Packets a sandbox's socket sent to anything but the relay or DNS listener.
+    pub egress_dropped: u64,
+    /// Packets for a sandbox's socket from anything but the relay or DNS listener.
+    pub ingress_dropped: u64,
+    /// Socket calls of sandboxed tasks the LSM programs refused.
+    pub calls_refused: u64,
+}
+
+/// A handle on the `COUNTERS` map.
+#[derive(Clone)]
+pub struct EnforcementCounters(Arc<PerCpuArray<MapData, u64>>);
+
+impl fmt::Debug for EnforcementCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("EnforcementCounters").finish_non_exhaustive()
+    }
+}
+
+impl EnforcementCounters {
+    pub fn read(&self) -> EnforcementCounts {
+        let sum = |counter: Counter| {
+            self.0
+                .get(&(counter as u32), 0)
+                .map_or(0, |per_cpu| per_cpu.iter().sum())
+        };
+        EnforcementCounts {
+            egress_dropped: sum(Counter::EgressDropped),
+            ingress_dropped: sum(Counter::IngressDropped),
+            calls_refused: sum(Counter::CallsRefused),
+        }
+    }
 }
 
 /// A program attached to a cgroup, as `interceptor status` shows it.
@@ -461,23 +719,61 @@ pub struct AttachedProgram {
 }
 
 /// Every program attached directly to `cgroup_dir` at the attach types the
-/// interceptor uses, ours and others', in attach order.
+/// interceptor uses, ours and others', in attach order; then the LSM programs
+/// pinned for that subtree (`lsm/<hook>`).
 pub fn attached_programs(cgroup_dir: &Path) -> Result<Vec<AttachedProgram>, EbpfError> {
     let cgroup = open_cgroup(cgroup_dir)?;
+    let name_of = |id| {
+        sys::prog_fd_by_id(id)
+            .and_then(|fd| sys::prog_id_name(fd.as_fd()))
+            .map_or_else(|_| String::from("?"), |(_, name)| name)
+    };
     let mut out = Vec::new();
     for spec in PROGRAMS {
         for id in query(&cgroup, cgroup_dir, spec.attach_type)? {
-            let name = sys::prog_fd_by_id(id)
-                .and_then(|fd| sys::prog_id_name(fd.as_fd()))
-                .map_or_else(|_| String::from("?"), |(_, name)| name);
             out.push(AttachedProgram {
                 attach_type: spec.attach_type.name(),
                 id,
-                name,
+                name: name_of(id),
+            });
+        }
+    }
+    let pin_dir = pins::existing_subtree_dir(&cgroup2_mount()?, cgroup_dir);
+    let pinned = ROOT_PROGRAMS
+        .iter()
+        .map(|spec| (spec.name, spec.attach_type.root_name()))
+        .chain(
+            LSM_PROGRAMS
+                .iter()
+                .map(|spec| (spec.name, spec.attach_type)),
+        );
+    for (name, attach_type) in pinned {
+        if let Some(id) = pins::pinned_program(&pin_dir, name) {
+            out.push(AttachedProgram {
+                attach_type,
+                id,
+                name: name_of(id),
             });
         }
     }
     Ok(out)
+}
+
+/// Loads the LSM programs against the kernel's BTF.
+fn load_lsm(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let btf = Btf::from_sys_fs().map_err(EbpfError::Btf)?;
+    for spec in LSM_PROGRAMS {
+        let Some(Program::Lsm(program)) = ebpf.program_mut(spec.name) else {
+            return Err(EbpfError::MissingProgram(spec.name));
+        };
+        program
+            .load(spec.hook(), &btf)
+            .map_err(|source| EbpfError::Program {
+                name: spec.name,
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Detaches every interceptor (`icpt_*`) program from `cgroup_dir`; returns
@@ -511,7 +807,25 @@ pub fn detach_all(cgroup_dir: &Path) -> Result<usize, EbpfError> {
             }
         }
     }
+    let pin_dir = pins::existing_subtree_dir(&cgroup2_mount()?, cgroup_dir);
+    let pinned = ROOT_PROGRAMS.iter().map(|spec| spec.name);
+    detached += pinned
+        .chain(LSM_PROGRAMS.iter().map(|spec| spec.name))
+        .filter(|name| pins::pinned_program(&pin_dir, name).is_some())
+        .count();
+    forget_subtree(cgroup_dir)?;
     Ok(detached)
+}
+
+/// Removes the bpffs pins of the subtree `cgroup_dir` (its LSM programs'
+/// links and its map of sandbox sockets), once its cgroup is gone or detached.
+/// A daemon's start also removes the pins of every subtree whose cgroup is gone.
+pub fn forget_subtree(cgroup_dir: &Path) -> Result<(), EbpfError> {
+    let pin_dir = pins::existing_subtree_dir(&cgroup2_mount()?, cgroup_dir);
+    pins::remove_subtree(&pin_dir).map_err(|source| EbpfError::Pin {
+        path: pin_dir,
+        source,
+    })
 }
 
 /// Where redirected sockets wanted to go, shared by the relay and DNS tasks.

@@ -228,3 +228,98 @@ pub(crate) fn prog_id_name(prog: BorrowedFd<'_>) -> io::Result<(u32, String)> {
         String::from_utf8_lossy(&info.name[..len]).into_owned(),
     ))
 }
+
+/// The head of `struct bpf_link_info`.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfoHead {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+}
+
+/// The id of the program behind the link `link`.
+pub(crate) fn link_prog_id(link: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = LinkInfoHead::default();
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of::<LinkInfoHead>() as u32,
+        info: &mut info as *mut LinkInfoHead as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.prog_id)
+}
+
+/// `union bpf_attr` for BPF_OBJ_GET.
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// A new descriptor for the object pinned at `path` (on a bpffs).
+pub(crate) fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel just returned this new file descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// `union bpf_attr` for BPF_LINK_CREATE (the cgroup form; the rest zeroed).
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    rest: [u64; 4],
+}
+
+/// A `bpf_link` attaching `prog` to the cgroup `cgroup` at `attach_type`
+/// (multi-attach, beside whatever else is there): detached when the last
+/// reference to it (this descriptor, a pin) goes.
+pub(crate) fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel just returned this new file descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the object behind `fd` at `path` (on a bpffs).
+pub(crate) fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
