@@ -37,6 +37,10 @@ pub const DEFAULT_LOG_KEEP: u32 = 5;
 /// Default `[interceptor].max_connections_per_tenant`: far above what one
 /// program needs, far below the descriptors the relay has for everyone.
 pub const DEFAULT_MAX_CONNECTIONS_PER_TENANT: usize = 4096;
+/// Default `[interceptor].dns_max_in_flight_per_tenant`: more than a program's
+/// resolver has outstanding at once (a few per lookup), and 64 tenants' worth
+/// still holds few resources: forwards share a handful of sockets.
+pub const DEFAULT_DNS_MAX_IN_FLIGHT_PER_TENANT: usize = 64;
 /// Default `[interceptor].sandbox_limits`: descriptors per sandboxed process
 /// (RLIMIT_NOFILE) ...
 pub const DEFAULT_SANDBOX_NOFILE: u64 = 4096;
@@ -232,6 +236,12 @@ pub struct InterceptorConfig {
     pub sandbox_uids: Option<UidRange>,
     /// `sandbox_limits`: rlimits set in every sandbox before the privilege drop.
     pub sandbox_limits: SandboxLimits,
+    /// Resolvers DNS queries are forwarded to; `None`: the `nameserver`s of
+    /// /etc/resolv.conf.
+    pub dns_forwarders: Option<Vec<SocketAddr>>,
+    /// DNS forwards one tenant (or one User Worker) may have waiting at once;
+    /// `None`: no limit.
+    pub dns_max_in_flight_per_tenant: Option<usize>,
 }
 
 impl Default for InterceptorConfig {
@@ -249,6 +259,8 @@ impl Default for InterceptorConfig {
             max_connections_per_tenant: Some(DEFAULT_MAX_CONNECTIONS_PER_TENANT),
             sandbox_uids: None,
             sandbox_limits: SandboxLimits::default(),
+            dns_forwarders: None,
+            dns_max_in_flight_per_tenant: Some(DEFAULT_DNS_MAX_IN_FLIGHT_PER_TENANT),
         }
     }
 }

@@ -48,6 +48,8 @@ const INTERCEPTOR_KEYS: &[&str] = &[
     "max_connections_per_tenant",
     "sandbox_uids",
     "sandbox_limits",
+    "dns_forwarders",
+    "dns_max_in_flight_per_tenant",
 ];
 const SANDBOX_LIMIT_KEYS: &[&str] = &["nofile", "nproc"];
 const TENANT_KEYS: &[&str] = &["outbound", "params"];
@@ -705,6 +707,29 @@ fn interceptor(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> InterceptorConfig {
                     c.sandbox_limits.nproc = n as u64;
                 }
             }
+        }
+    }
+    if let Some(f) = t.get("dns_forwarders") {
+        let mut forwarders = Vec::new();
+        for (s, span) in ctx.strings(&f).unwrap_or_default() {
+            // A bare address means port 53, as in resolv.conf.
+            let addr = s
+                .parse::<SocketAddr>()
+                .ok()
+                .or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+            match addr {
+                Some(a) if a.port() != 0 => forwarders.push(a),
+                _ => ctx.error(
+                    span,
+                    format!("`dns_forwarders`: \"{s}\" is not an address like \"10.0.0.2\" or \"127.0.0.2:5353\""),
+                ),
+            }
+        }
+        c.dns_forwarders = Some(forwarders);
+    }
+    if let Some(f) = t.get("dns_max_in_flight_per_tenant") {
+        if let Some(n) = ctx.integer(&f, 0, 1_000_000) {
+            c.dns_max_in_flight_per_tenant = (n > 0).then_some(n as usize);
         }
     }
     c

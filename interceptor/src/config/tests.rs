@@ -547,6 +547,30 @@ fn a_listener_port_the_kernel_may_hand_out_is_warned_about() {
 }
 
 #[test]
+fn dns_forwarders_and_in_flight_limit() {
+    let c = ok("");
+    assert_eq!(c.interceptor.dns_forwarders, None, "resolv.conf's");
+    assert_eq!(c.interceptor.dns_max_in_flight_per_tenant, Some(64));
+    let c = ok(
+        "[interceptor]\ndns_forwarders = [\"127.0.0.2:5353\", \"::1\"]\ndns_max_in_flight_per_tenant = 0\n",
+    );
+    assert_eq!(
+        c.interceptor.dns_forwarders,
+        Some(vec![
+            "127.0.0.2:5353".parse().unwrap(),
+            "[::1]:53".parse().unwrap()
+        ])
+    );
+    assert_eq!(c.interceptor.dns_max_in_flight_per_tenant, None);
+    let errs = errors("[interceptor]\ndns_forwarders = [\"resolver\", \"10.0.0.2:0\"]\n");
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs[0].contains(":2:19: `dns_forwarders`: \"resolver\" is not an address"),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn sandbox_uids_and_limits_have_defaults_and_are_read() {
     let c = ok("");
     assert_eq!(c.interceptor.sandbox_uids, None, "sandbox_user for all");

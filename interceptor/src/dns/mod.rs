@@ -1,16 +1,21 @@
 //! The DNS listener: sandboxed UDP port-53 traffic is redirected here by the eBPF
 //! hooks (TCP port-53 connections reach the relay, which hands them to
-//! [`serve_tcp`]). Names the tenant's outbound Worker blocks get NXDOMAIN; `[resolve]`
-//! names are answered locally; the rest is forwarded to the host's resolvers.
-//! Every query is logged as `proto = "dns"`.
+//! [`serve_tcp`]). Only a standard query with one question is served (see
+//! [`message`]); names the tenant's outbound Worker blocks get NXDOMAIN; `[resolve]`
+//! names are answered locally; the rest is forwarded, rebuilt around its question,
+//! to the host's resolvers (see [`forward`]), at most `dns_max_in_flight_per_tenant`
+//! at a time per tenant. Every message is logged as `proto = "dns"`.
 
+mod forward;
+mod message;
 mod origin;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -19,13 +24,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ebpf::{DestinationTable, OriginalDestination};
-use crate::logs::{Proto, Verdict};
+use crate::logs::{LogEntry, Proto, Verdict};
 use crate::policy::Action;
 use crate::record::Recorder;
 use crate::resolve::{normalize_host, Resolver};
 use crate::tenants::{Sandbox, SandboxRegistry};
 
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+pub use forward::{ForwardError, Forwarder};
+use message::Transport;
+
 const STATIC_TTL: u32 = 60;
 /// How long a DNS-over-TCP connection may sit between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -35,8 +42,23 @@ pub struct DnsContext {
     pub sandboxes: Arc<SandboxRegistry>,
     pub recorder: Arc<Recorder>,
     pub resolver: Arc<Resolver>,
-    /// The host's resolvers, from /etc/resolv.conf.
-    pub forwarders: Vec<SocketAddr>,
+    /// The resolvers queries are forwarded to, and the sockets that reach them.
+    pub forwarder: Forwarder,
+    /// Forwards each tenant has waiting.
+    pub in_flight: InFlightLimit,
+}
+
+/// Where queries are forwarded: `configured` (`[interceptor] dns_forwarders`),
+/// else the `nameserver`s of `resolv_conf`; never the daemon's own listeners.
+pub fn forwarders(
+    configured: Option<&[SocketAddr]>,
+    resolv_conf: &str,
+    own: &[SocketAddr],
+) -> Vec<SocketAddr> {
+    match configured {
+        Some(list) => list.iter().copied().filter(|a| !own.contains(a)).collect(),
+        None => forwarders_from_resolv_conf(resolv_conf, own),
+    }
 }
 
 /// The `nameserver`s of a resolv.conf, minus the daemon's own DNS listeners.
@@ -47,6 +69,55 @@ pub fn forwarders_from_resolv_conf(text: &str, own: &[SocketAddr]) -> Vec<Socket
         .map(|ip| SocketAddr::new(ip, 53))
         .filter(|addr| !own.contains(addr))
         .collect()
+}
+
+/// A per-tenant cap on forwards waiting for a resolver, so one tenant's burst
+/// (to a silent resolver, say) cannot hold what every tenant's queries need.
+pub struct InFlightLimit {
+    limit: Option<usize>,
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+impl InFlightLimit {
+    /// `None`: no limit.
+    pub fn new(limit: Option<usize>) -> Self {
+        InFlightLimit {
+            limit,
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One more forward of `tenant`'s, unless it already has the limit waiting.
+    fn start(&self, tenant: &str) -> Result<InFlight<'_>, usize> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(tenant.to_string()).or_default();
+        if self.limit.is_some_and(|limit| *count >= limit) {
+            return Err(*count);
+        }
+        *count += 1;
+        Ok(InFlight {
+            limit: self,
+            tenant: tenant.to_string(),
+        })
+    }
+}
+
+/// One forward being counted against its tenant until dropped.
+struct InFlight<'a> {
+    limit: &'a InFlightLimit,
+    tenant: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.limit.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 pub async fn serve(
@@ -106,18 +177,9 @@ async fn answer(
     answer_for(ctx, &sandbox, &original, query, Transport::Udp).await
 }
 
-/// How a query came, and so how a reply too large for UDP is handled.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Transport {
-    /// A truncated reply is passed on: the client asks again over TCP.
-    Udp,
-    /// A truncated reply is fetched again over TCP.
-    Tcp,
-}
-
 /// DNS over TCP (RFC 7766: each message after its two-byte length), from a sandboxed
 /// connection to port 53 the relay identified: answered like UDP queries, so a TCP
-/// query is judged and logged too. Anything that is not DNS ends the connection.
+/// query is judged and logged too. Anything that is not a DNS query ends the connection.
 pub async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     ctx: &DnsContext,
@@ -137,7 +199,8 @@ pub async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Answers one query of `sandbox`'s, sent to `original`, and logs it.
+/// Answers one message of `sandbox`'s, sent to `original`, and logs it; `None`:
+/// no reply (not a DNS query).
 async fn answer_for(
     ctx: &DnsContext,
     sandbox: &Sandbox,
@@ -146,26 +209,60 @@ async fn answer_for(
     transport: Transport,
 ) -> Option<Vec<u8>> {
     let started = Instant::now();
-    let request = Message::from_vec(query).ok()?;
-    let question = request.queries().first()?.clone();
-    let name = normalize_host(&question.name().to_ascii());
     let policy = &sandbox.tenant.policy;
-
-    let mut entry =
-        crate::logs::LogEntry::new(&sandbox.tenant.id.0, Proto::Dns, original.socket_addr());
+    let mut entry = LogEntry::new(&sandbox.tenant.id.0, Proto::Dns, original.socket_addr());
     entry.worker = sandbox.worker.as_ref().map(|w| w.name.clone());
     entry.pid = Some(original.pid);
     entry.params = sandbox.params.clone();
-    entry.method = Some(question.query_type().to_string());
-    entry.host = Some(name.clone());
     entry.bytes_sent = query.len() as u64;
 
-    let decision = policy.decide_host(&name);
+    let reply = judge(ctx, sandbox, query, transport, &mut entry).await;
+    entry.bytes_received = reply.as_ref().map_or(0, |r| r.len() as u64);
+    entry.duration_ms = started.elapsed().as_millis() as u64;
+    ctx.recorder.record(&entry, policy.log_enabled());
+    reply
+}
+
+/// The reply to `query`, with what decided it written into `entry`.
+async fn judge(
+    ctx: &DnsContext,
+    sandbox: &Sandbox,
+    query: &[u8],
+    transport: Transport,
+    entry: &mut LogEntry,
+) -> Option<Vec<u8>> {
+    let request = match Message::from_vec(query) {
+        Ok(request) => request,
+        Err(e) => {
+            entry.decision = Verdict::Block;
+            entry.rule = "dns:malformed".to_string();
+            entry.error = Some(format!("not a DNS message: {e}"));
+            return None;
+        }
+    };
+    if let Some(first) = request.queries().first() {
+        entry.method = Some(first.query_type().to_string());
+        entry.host = Some(normalize_host(&first.name().to_ascii()));
+    }
+    let question = match message::question(&request) {
+        Ok(question) => question.clone(),
+        Err(refusal) => {
+            entry.decision = Verdict::Block;
+            entry.rule = refusal.rule.to_string();
+            entry.error = Some(refusal.error);
+            return refusal
+                .code
+                .and_then(|code| message::respond(&request, code, Vec::new()));
+        }
+    };
+    let name = normalize_host(&question.name().to_ascii());
+    let decision = sandbox.tenant.policy.decide_host(&name);
     entry.rule = decision.rule.clone();
-    let reply = if decision.action == Action::Block {
+    if decision.action == Action::Block {
         entry.decision = Verdict::Block;
-        respond(&request, ResponseCode::NXDomain, Vec::new())
-    } else if let Some(ips) = ctx.resolver.lookup_static(&name) {
+        return message::respond(&request, ResponseCode::NXDomain, Vec::new());
+    }
+    if let Some(ips) = ctx.resolver.lookup_static(&name) {
         entry.decision = Verdict::Allow;
         let records = ips
             .iter()
@@ -176,98 +273,40 @@ async fn answer_for(
             })
             .map(|rdata| Record::from_rdata(question.name().clone(), STATIC_TTL, rdata))
             .collect();
-        respond(&request, ResponseCode::NoError, records)
-    } else {
-        match forward(&ctx.forwarders, query, transport).await {
-            Some((reply, server)) => {
-                entry.decision = Verdict::Allow;
-                entry.upstream = Some(server.to_string());
-                Some(reply)
-            }
-            None => {
-                entry.decision = Verdict::Error;
-                entry.rule = "resolve".to_string();
-                entry.error = Some(format!(
-                    "no reply from {} resolver(s)",
-                    ctx.forwarders.len()
-                ));
-                respond(&request, ResponseCode::ServFail, Vec::new())
-            }
-        }
-    };
-    entry.bytes_received = reply.as_ref().map_or(0, |r| r.len() as u64);
-    entry.duration_ms = started.elapsed().as_millis() as u64;
-    ctx.recorder.record(&entry, policy.log_enabled());
-    reply
-}
-
-fn respond(request: &Message, code: ResponseCode, answers: Vec<Record>) -> Option<Vec<u8>> {
-    let mut response = Message::new();
-    response
-        .set_id(request.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(request.op_code())
-        .set_recursion_desired(request.recursion_desired())
-        .set_recursion_available(true)
-        .set_response_code(code);
-    response.add_queries(request.queries().iter().cloned());
-    response.add_answers(answers);
-    response.to_vec().ok()
-}
-
-/// Sends the query as it came to each resolver in turn; the first reply wins. A
-/// truncated reply to a TCP query is asked for again over TCP.
-async fn forward(
-    forwarders: &[SocketAddr],
-    query: &[u8],
-    transport: Transport,
-) -> Option<(Vec<u8>, SocketAddr)> {
-    for &server in forwarders {
-        let Some(reply) = forward_udp(server, query).await else {
-            continue;
-        };
-        if transport == Transport::Tcp && is_truncated(&reply) {
-            if let Some(whole) = forward_tcp(server, query).await {
-                return Some((whole, server));
-            }
-        }
-        return Some((reply, server));
+        return message::respond(&request, ResponseCode::NoError, records);
     }
-    None
-}
-
-fn is_truncated(reply: &[u8]) -> bool {
-    Message::from_vec(reply).is_ok_and(|m| m.truncated())
-}
-
-async fn forward_udp(server: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
-    let bind: SocketAddr = if server.is_ipv4() {
-        "0.0.0.0:0".parse().ok()?
-    } else {
-        "[::]:0".parse().ok()?
+    let _counted = match ctx.in_flight.start(&sandbox.tenant.id.0) {
+        Ok(counted) => counted,
+        Err(waiting) => {
+            entry.decision = Verdict::Block;
+            entry.rule = "limit:dns".to_string();
+            entry.error = Some(format!(
+                "the tenant already has {waiting} DNS forwards waiting"
+            ));
+            return message::respond(&request, ResponseCode::Refused, Vec::new());
+        }
     };
-    let socket = UdpSocket::bind(bind).await.ok()?;
-    socket.connect(server).await.ok()?;
-    socket.send(query).await.ok()?;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(FORWARD_TIMEOUT, socket.recv(&mut buf))
+    let forwarded = ctx
+        .forwarder
+        .forward(&request, &question, transport)
         .await
-        .ok()?
-        .ok()?;
-    buf.truncate(n);
-    Some(buf)
-}
-
-async fn forward_tcp(server: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(server).await.ok()?;
-        write_framed(&mut stream, query).await.ok()?;
-        read_framed(&mut stream).await.ok()
-    };
-    tokio::time::timeout(FORWARD_TIMEOUT, exchange)
-        .await
-        .ok()
-        .flatten()
+        .and_then(|(reply, server)| Ok((message::to_client(&request, reply, transport)?, server)));
+    match forwarded {
+        Ok((reply, server)) => {
+            entry.decision = Verdict::Allow;
+            entry.upstream = Some(server.to_string());
+            Some(reply)
+        }
+        Err(e) => {
+            entry.decision = Verdict::Error;
+            entry.rule = "resolve".to_string();
+            entry.error = Some(format!(
+                "{e} (from {} resolver(s))",
+                ctx.forwarder.servers().len()
+            ));
+            message::respond(&request, ResponseCode::ServFail, Vec::new())
+        }
+    }
 }
 
 /// One DNS message after its two-byte length (RFC 7766).
@@ -295,58 +334,6 @@ async fn write_framed<S: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
 
-    /// A resolver on loopback whose UDP replies are truncated and whose TCP
-    /// replies are whole, as a real one's are for a large answer.
-    #[tokio::test]
-    async fn a_truncated_reply_is_fetched_again_over_tcp_for_a_tcp_query() {
-        let tcp = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-        let server = tcp.local_addr().unwrap();
-        let udp = UdpSocket::bind(server).await.unwrap();
-        let reply = |truncated: bool| {
-            let mut m = Message::new();
-            m.set_id(7)
-                .set_message_type(MessageType::Response)
-                .set_truncated(truncated);
-            m.to_vec().unwrap()
-        };
-        let (udp_reply, tcp_reply) = (reply(true), reply(false));
-        tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            loop {
-                let (_, from) = udp.recv_from(&mut buf).await.unwrap();
-                udp.send_to(&udp_reply, from).await.unwrap();
-            }
-        });
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, _) = tcp.accept().await.unwrap();
-                read_framed(&mut stream).await.unwrap();
-                write_framed(&mut stream, &tcp_reply).await.unwrap();
-            }
-        });
-        let query = Message::new().to_vec().unwrap();
-        let (got, from) = forward(&[server], &query, Transport::Tcp).await.unwrap();
-        assert_eq!(from, server);
-        assert!(!is_truncated(&got), "fetched whole over TCP");
-        let (got, _) = forward(&[server], &query, Transport::Udp).await.unwrap();
-        assert!(is_truncated(&got), "passed on for the client to retry");
-
-        // A resolver that cannot be reached over TCP: the truncated reply is
-        // still better than none.
-        let udp_only = UdpSocket::bind("127.0.0.2:0").await.unwrap();
-        let udp_only_addr = udp_only.local_addr().unwrap();
-        let truncated = reply(true);
-        tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            let (_, from) = udp_only.recv_from(&mut buf).await.unwrap();
-            udp_only.send_to(&truncated, from).await.unwrap();
-        });
-        let (got, _) = forward(&[udp_only_addr], &query, Transport::Tcp)
-            .await
-            .unwrap();
-        assert!(is_truncated(&got));
-    }
-
     #[test]
     fn resolv_conf_nameservers() {
         let own: Vec<SocketAddr> = vec!["127.0.0.1:53".parse().unwrap()];
@@ -359,5 +346,38 @@ mod tests {
                 "[::1]:53".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn configured_forwarders_replace_resolv_conf_but_never_name_the_listener() {
+        let own: Vec<SocketAddr> = vec!["127.0.0.1:15053".parse().unwrap()];
+        let conf = "nameserver 10.0.0.2\n";
+        let configured: Vec<SocketAddr> = vec![
+            "127.0.0.2:5353".parse().unwrap(),
+            "127.0.0.1:15053".parse().unwrap(),
+        ];
+        assert_eq!(
+            forwarders(Some(&configured), conf, &own),
+            vec!["127.0.0.2:5353".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            forwarders(None, conf, &own),
+            vec!["10.0.0.2:53".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn in_flight_forwards_are_capped_per_tenant_and_given_back() {
+        let limit = InFlightLimit::new(Some(2));
+        let a1 = limit.start("a").unwrap();
+        let _a2 = limit.start("a").unwrap();
+        assert_eq!(limit.start("a").err(), Some(2), "over the cap");
+        let _b = limit.start("b").expect("another tenant is not held back");
+        drop(a1);
+        let _a3 = limit.start("a").expect("given back when done");
+        let unlimited = InFlightLimit::new(None);
+        let held: Vec<_> = (0..1000).map(|_| unlimited.start("a").unwrap()).collect();
+        drop(held);
+        assert!(unlimited.counts.lock().unwrap().is_empty());
     }
 }
