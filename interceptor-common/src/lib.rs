@@ -55,7 +55,9 @@ pub struct RedirectConfig {
     pub subtree_cgroup_id: u64,
     /// Depth of the subtree root under the cgroup v2 root (its ancestor level).
     pub subtree_level: u32,
-    pub _pad: u32,
+    /// Inet sockets the sandboxes of one tenant (a child cgroup of the subtree
+    /// root) may hold at once; 0 for no limit.
+    pub sockets_per_tenant: u32,
 }
 
 /// Names of the maps in the eBPF object, used by user space to find them.
@@ -69,9 +71,11 @@ pub mod maps {
     /// `HashMap<u16 port, u8>`: the daemon's listening ports, refused to every
     /// bind in the subtree (dispatch `listen` and metrics beside relay and DNS).
     pub const GUARDED_PORTS: &str = "GUARDED_PORTS";
-    /// `HashMap<u64 socket cookie, u8>`: inet sockets created by sandboxed
-    /// tasks. A sandboxed task may use no other inet socket (one passed in).
+    /// `HashMap<u64 socket cookie, u64 tenant cgroup id>`: inet sockets created
+    /// in the subtree. A sandboxed task may use no other (one passed in).
     pub const SANDBOX_SOCKETS: &str = "SANDBOX_SOCKETS";
+    /// `HashMap<u64 tenant cgroup id, i64>`: inet sockets each tenant holds.
+    pub const TENANT_SOCKETS: &str = "TENANT_SOCKETS";
     /// `PerCpuArray<u64>` indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
 }
@@ -91,6 +95,9 @@ pub enum Counter {
 impl Counter {
     pub const COUNT: u32 = 3;
 }
+
+/// Most tenants (child cgroups of the subtree root) whose sockets are counted.
+pub const MAX_TENANTS: u32 = 16384;
 
 /// Most daemon ports the bind hooks guard (relay, DNS, each dispatch `listen`, metrics).
 pub const MAX_GUARDED_PORTS: u32 = 256;

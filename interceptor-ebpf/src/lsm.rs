@@ -58,8 +58,9 @@ fn family_of(socket: *const u8) -> u32 {
     }
 }
 
-/// An inet socket no sandboxed task created: passed in or inherited from
-/// outside. The cgroup hooks do not follow it, so a sandbox may not use it.
+/// An inet socket not created in the subtree (the cgroup `sock_create` program
+/// records those): passed in or inherited from outside. The cgroup hooks do
+/// not follow it, so a sandbox may not use it.
 #[inline(always)]
 fn foreign_inet(socket: *const u8) -> bool {
     if !inet(family_of(socket)) {
@@ -111,25 +112,6 @@ pub fn icpt_l_create(ctx: LsmContext) -> i32 {
     } else {
         refuse()
     }
-}
-
-/// Remembers every inet socket a sandboxed task creates.
-#[lsm(hook = "socket_post_create")]
-pub fn icpt_l_postcrt(ctx: LsmContext) -> i32 {
-    // SAFETY: socket_post_create(struct socket *sock, int family, int type,
-    // int protocol, int kern).
-    let (socket, family, kern): (*const u8, u32, u32) =
-        unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(4)) };
-    if kern != 0 || !inet(family) || !sandboxed_task() {
-        return ALLOW;
-    }
-    // SAFETY: `sk` is the new socket's BTF-typed `struct sock`.
-    let cookie = unsafe { bpf_get_socket_cookie(sock_of(socket) as *mut c_void) };
-    if SANDBOX_SOCKETS.insert(&cookie, &1, 0).is_err() {
-        // Full: a socket the sandbox could not use anyway.
-        return refuse();
-    }
-    ALLOW
 }
 
 #[lsm(hook = "socket_connect")]

@@ -20,6 +20,9 @@
 //! line as BPF LSM programs where the kernel takes them.
 #![no_std]
 #![no_main]
+// Atomic add on map values (the target has no compare-and-swap, so no `Atomic*` methods).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod backstop;
 mod lsm;
@@ -28,12 +31,16 @@ mod tasks;
 
 use core::{
     ffi::c_void,
+    intrinsics::{atomic_xadd, AtomicOrdering},
     ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
 };
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_socket_cookie,
+    },
     macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockContext, SockOpsContext},
@@ -41,7 +48,7 @@ use aya_ebpf::{
 };
 use interceptor_common::{
     ClientSocket, Counter, OriginalDestination, RedirectConfig, AF_INET, AF_INET6,
-    MAX_GUARDED_PORTS, MAX_TRACKED_SOCKETS,
+    MAX_GUARDED_PORTS, MAX_TENANTS, MAX_TRACKED_SOCKETS,
 };
 
 /// The LSM programs need a GPL-compatible license; the crate is MIT or GPL-2.0.
@@ -68,11 +75,18 @@ static REDIRECT_CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
 #[map]
 static GUARDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_GUARDED_PORTS, 0);
 
-/// Cookies of the inet sockets sandboxed tasks created (filled by the LSM
-/// `socket_post_create` program, emptied on release). Not an LRU: a full map
-/// refuses new sockets rather than forgetting live ones.
+/// Cookie of each inet socket created in the subtree → the tenant cgroup it
+/// counts against (filled by `sock_create`, emptied on release). Not an LRU:
+/// a full map refuses new sockets rather than forgetting live ones. Pinned, so
+/// that a restarted daemon still knows the sockets created before it.
 #[map]
-static SANDBOX_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+static SANDBOX_SOCKETS: HashMap<u64, u64> = HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+
+/// Tenant cgroup (the subtree root's child) → how many inet sockets its
+/// sandboxes hold, against `RedirectConfig::sockets_per_tenant`. Pinned with
+/// the sockets it counts.
+#[map]
+static TENANT_SOCKETS: HashMap<u64, i64> = HashMap::pinned(MAX_TENANTS, 0);
 
 /// Per-CPU counts, indexed by [`Counter`].
 #[map]
@@ -519,8 +533,43 @@ pub fn icpt_release(ctx: SockContext) -> i32 {
     // SAFETY: plain helper call valid in cgroup sock programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = SOCKET_DESTINATIONS.remove(&cookie);
-    let _ = SANDBOX_SOCKETS.remove(&cookie);
+    // SAFETY: the value is copied out at once.
+    if let Some(tenant) = unsafe { SANDBOX_SOCKETS.get(&cookie) }.copied() {
+        if let Some(held) = TENANT_SOCKETS.get_ptr_mut(&tenant) {
+            add(held, -1);
+        }
+        let _ = SANDBOX_SOCKETS.remove(&cookie);
+    }
     1
+}
+
+/// Counts a new inet socket against its tenant; `false` past the tenant's
+/// `sockets_per_tenant` (one tenant cannot take every ephemeral port).
+#[inline(always)]
+fn charge_tenant(tenant: u64) -> bool {
+    let limit = config().map_or(0, |cfg| cfg.sockets_per_tenant);
+    if TENANT_SOCKETS.get_ptr_mut(&tenant).is_none() {
+        // BPF_NOEXIST: another CPU may have added it meanwhile.
+        let _ = TENANT_SOCKETS.insert(&tenant, &0, 1);
+    }
+    let Some(held) = TENANT_SOCKETS.get_ptr_mut(&tenant) else {
+        return false;
+    };
+    // Checked, then added: concurrent creations may pass the limit by at most
+    // one each (the target's atomic add returns nothing to compare with).
+    // SAFETY: a live map value.
+    if limit != 0 && unsafe { read_volatile(held) } >= i64::from(limit) {
+        return false;
+    }
+    add(held, 1);
+    true
+}
+
+/// Adds `n` to the map value at `value` atomically.
+#[inline(always)]
+fn add(value: *mut i64, n: i64) {
+    // SAFETY: `value` points to a live map value; every update is atomic.
+    unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(value, n) };
 }
 
 /// Only TCP and UDP inet sockets may be created: no raw, ICMP ping, SCTP,
@@ -542,10 +591,25 @@ pub fn icpt_sockcreate(ctx: SockContext) -> i32 {
     if !(inet && (tcp || udp)) {
         return REFUSE;
     }
-    // SAFETY: plain helper call valid in cgroup sock programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if SANDBOX_SOCKETS.insert(&cookie, &1, 0).is_err() {
+    let Some(cfg) = config() else {
+        return REFUSE;
+    };
+    // SAFETY: plain helper calls valid in cgroup sock programs.
+    let (cookie, tenant) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_current_ancestor_cgroup_id(cfg.subtree_level as i32 + 1),
+        )
+    };
+    if !charge_tenant(tenant) {
+        count(Counter::CallsRefused);
+        return REFUSE;
+    }
+    if SANDBOX_SOCKETS.insert(&cookie, &tenant, 0).is_err() {
         // Full: a socket the task-keyed hooks would take for one passed in.
+        if let Some(held) = TENANT_SOCKETS.get_ptr_mut(&tenant) {
+            add(held, -1);
+        }
         return REFUSE;
     }
     ALLOW

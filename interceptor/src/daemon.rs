@@ -280,6 +280,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     // Last of the fallible steps: from here on, the subtree is enforced.
     let mut enforcement = Enforcement::load(&targets, &root)?;
     enforcement.guard_ports(dispatch_addrs.iter().map(SocketAddr::port))?;
+    // A tenant holds no more inet sockets than one of its processes may hold
+    // descriptors: all of them cannot take every ephemeral port.
+    enforcement.limit_sockets_per_tenant(
+        u32::try_from(settings.sandbox_limits.nofile).unwrap_or(u32::MAX),
+    )?;
     enforcement.attach()?;
     tracing::info!(cgroup = %root.display(), "eBPF programs attached");
     let lsm = match enforcement.lsm_state() {

@@ -239,3 +239,63 @@ print('own=' + urllib.request.urlopen('http://svc.test:{api}/own', timeout=10).r
         "{status:#}"
     );
 }
+
+/// One tenant's sandboxes together hold no more inet sockets than
+/// `sandbox_limits.nofile` (so one tenant cannot take every ephemeral port
+/// from the others), and what they give back counts again.
+#[test]
+fn a_tenant_holds_no_more_sockets_than_its_limit() {
+    if !privileged("a_tenant_holds_no_more_sockets_than_its_limit") {
+        return;
+    }
+    let d = Daemon::start_configured(
+        "sandbox_limits = { nofile = 64, nproc = 512 }",
+        "[tenants.acme]\n[tenants.other]\n",
+        &[],
+    );
+    let script = "import errno, socket, sys, time
+held, err = [], 'none'
+for _ in range(50):
+    try:
+        held.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    except OSError as e:
+        err = errno.errorcode.get(e.errno, str(e.errno))
+        break
+print('held=%d' % len(held), flush=True)
+print('err=' + err, flush=True)
+time.sleep(float(sys.argv[1]))
+";
+    let mut first = d
+        .exec_command("acme", &[], &["python3", "-c", script, "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(first.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut lines, &mut line).unwrap();
+    assert_eq!(line.trim(), "held=50");
+
+    // The same tenant's second sandbox gets what is left of 64.
+    let second = stdout(&d.exec("acme", &[], &["python3", "-c", script, "0"]));
+    let second = key_values(&second);
+    assert_eq!(second["held"], "14", "{second:?}");
+    assert_eq!(second["err"], "EPERM", "{second:?}");
+    // Another tenant is not affected.
+    let other = key_values(&stdout(&d.exec(
+        "other",
+        &[],
+        &["python3", "-c", script, "0"],
+    )));
+    assert_eq!(other["held"], "50", "{other:?}");
+
+    first.wait().unwrap();
+    let again = key_values(&stdout(&d.exec(
+        "acme",
+        &[],
+        &["python3", "-c", script, "0"],
+    )));
+    assert_eq!(
+        again["held"], "50",
+        "sockets given back count again: {again:?}"
+    );
+}

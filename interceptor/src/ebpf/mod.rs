@@ -190,7 +190,7 @@ impl RedirectTargets {
             // Set by `Enforcement::load`, which knows the subtree.
             subtree_cgroup_id: 0,
             subtree_level: 0,
-            _pad: 0,
+            sockets_per_tenant: 0,
         })
     }
 }
@@ -320,10 +320,9 @@ const fn lsm(name: &'static str, attach_type: &'static str) -> LsmSpec {
     LsmSpec { name, attach_type }
 }
 
-/// In attach order: `socket_post_create`, which records the sandbox's own
-/// sockets, before the hooks that refuse every other inet socket.
+/// They take the sandbox's own sockets from what the cgroup `sock_create`
+/// program records.
 const LSM_PROGRAMS: &[LsmSpec] = &[
-    lsm("icpt_l_postcrt", "lsm/socket_post_create"),
     lsm("icpt_l_create", "lsm/socket_create"),
     lsm("icpt_l_userns", "lsm/userns_create"),
     lsm("icpt_l_setsopt", "lsm/socket_setsockopt"),
@@ -349,6 +348,7 @@ pub struct Enforcement {
     table: DestinationTable,
     counters: EnforcementCounters,
     targets: RedirectTargets,
+    config: RedirectConfig,
     subtree: PathBuf,
     pin_dir: PathBuf,
     lsm: LsmState,
@@ -387,22 +387,7 @@ impl Enforcement {
             .load(OBJECT)
             .map_err(EbpfError::Load)?;
 
-        {
-            let map = ebpf
-                .map_mut(maps::REDIRECT_CONFIG)
-                .ok_or(EbpfError::MissingMap(maps::REDIRECT_CONFIG))?;
-            let mut config: Array<_, RedirectConfig> =
-                Array::try_from(map).map_err(|source| EbpfError::Map {
-                    name: maps::REDIRECT_CONFIG,
-                    source,
-                })?;
-            config
-                .set(0, config_value, 0)
-                .map_err(|source| EbpfError::Map {
-                    name: maps::REDIRECT_CONFIG,
-                    source,
-                })?;
-        }
+        write_config(&mut ebpf, config_value)?;
 
         for spec in PROGRAMS.iter().chain(ROOT_PROGRAMS) {
             let program = ebpf
@@ -454,6 +439,7 @@ impl Enforcement {
             },
             counters: EnforcementCounters(Arc::new(counters)),
             targets: *targets,
+            config: config_value,
             subtree: subtree.to_path_buf(),
             pin_dir,
             lsm,
@@ -486,6 +472,14 @@ impl Enforcement {
             })?;
         }
         Ok(())
+    }
+
+    /// Caps the inet sockets the sandboxes of one tenant hold at once (each
+    /// child cgroup of the subtree root: a tenant of `exec`, a dispatch
+    /// namespace); 0 lifts the cap.
+    pub fn limit_sockets_per_tenant(&mut self, limit: u32) -> Result<(), EbpfError> {
+        self.config.sockets_per_tenant = limit;
+        write_config(&mut self.ebpf, self.config)
     }
 
     /// Whether the task-keyed LSM programs run here (the task-keyed cgroup
@@ -757,6 +751,18 @@ pub fn attached_programs(cgroup_dir: &Path) -> Result<Vec<AttachedProgram>, Ebpf
         }
     }
     Ok(out)
+}
+
+fn write_config(ebpf: &mut Ebpf, value: RedirectConfig) -> Result<(), EbpfError> {
+    let map_error = |source| EbpfError::Map {
+        name: maps::REDIRECT_CONFIG,
+        source,
+    };
+    let map = ebpf
+        .map_mut(maps::REDIRECT_CONFIG)
+        .ok_or(EbpfError::MissingMap(maps::REDIRECT_CONFIG))?;
+    let mut config: Array<_, RedirectConfig> = Array::try_from(map).map_err(map_error)?;
+    config.set(0, value, 0).map_err(map_error)
 }
 
 /// Loads the LSM programs against the kernel's BTF.
