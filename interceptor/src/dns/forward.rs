@@ -15,6 +15,7 @@ use std::time::Duration;
 use hickory_proto::op::{Message, Query};
 use hickory_proto::ProtoError;
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::runtime::Handle;
 use tokio::sync::{oneshot, OnceCell};
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +46,10 @@ pub enum ForwardError {
 /// The resolvers and the sockets that reach them.
 pub struct Forwarder {
     servers: Vec<SocketAddr>,
+    /// Where the sockets and their receivers live, whichever runtime (the UDP
+    /// listener's, or a relay thread's for DNS over TCP) forwards first: the one
+    /// `new` was called in, which outlives the relay threads.
+    runtime: Option<Handle>,
     v4: OnceCell<Pool>,
     v6: OnceCell<Pool>,
 }
@@ -53,6 +58,7 @@ impl Forwarder {
     pub fn new(servers: Vec<SocketAddr>) -> Self {
         Forwarder {
             servers: servers.into_iter().map(plain).collect(),
+            runtime: Handle::try_current().ok(),
             v4: OnceCell::new(),
             v6: OnceCell::new(),
         }
@@ -98,7 +104,11 @@ impl Forwarder {
         } else {
             (&self.v6, (std::net::Ipv6Addr::UNSPECIFIED, 0).into())
         };
-        cell.get_or_try_init(|| async { Pool::bind(any).await })
+        let runtime = match &self.runtime {
+            Some(runtime) => runtime.clone(),
+            None => Handle::try_current().map_err(io::Error::other)?,
+        };
+        cell.get_or_try_init(|| async { Pool::bind(any, &runtime) })
             .await
     }
 
@@ -163,13 +173,17 @@ struct Pool {
 }
 
 impl Pool {
-    async fn bind(any: SocketAddr) -> io::Result<Pool> {
+    fn bind(any: SocketAddr, runtime: &Handle) -> io::Result<Pool> {
         let waiting = Arc::new(Waiting::default());
         let stop = CancellationToken::new();
         let mut sockets = Vec::with_capacity(POOL_SOCKETS);
+        // Registered with `runtime`'s reactor, whichever runtime runs this.
+        let _entered = runtime.enter();
         for index in 0..POOL_SOCKETS {
-            let socket = Arc::new(UdpSocket::bind(any).await?);
-            tokio::spawn(receive(
+            let socket = std::net::UdpSocket::bind(any)?;
+            socket.set_nonblocking(true)?;
+            let socket = Arc::new(UdpSocket::from_std(socket)?);
+            runtime.spawn(receive(
                 index,
                 socket.clone(),
                 waiting.clone(),
@@ -378,6 +392,40 @@ mod tests {
         assert!(matches!(err, ForwardError::Timeout), "{err}");
         assert_eq!(forwarder.waiting(), 0);
         assert_eq!(forwarder.v4.get().unwrap().sockets.len(), POOL_SOCKETS);
+    }
+
+    /// DNS over TCP is served on relay threads, each a runtime of its own: the
+    /// sockets stay with the runtime the forwarder was made in, so they work
+    /// after the runtime that forwarded first is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sockets_outlive_the_runtime_that_forwarded_first() {
+        let udp = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        let server = udp.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let (n, from) = udp.recv_from(&mut buf).await.unwrap();
+                let query = Message::from_vec(&buf[..n]).unwrap();
+                udp.send_to(&reply(&query), from).await.unwrap();
+            }
+        });
+        let forwarder = Arc::new(Forwarder::new(vec![server]));
+        let (m, q) = request("api.test.");
+        let first = {
+            let (forwarder, m, q) = (forwarder.clone(), m.clone(), q.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async { forwarder.forward(&m, &q, Transport::Tcp).await.is_ok() })
+            })
+            .join()
+            .unwrap()
+        };
+        assert!(first, "answered on the other runtime");
+        let (got, _) = forwarder.forward(&m, &q, Transport::Udp).await.unwrap();
+        assert_eq!(got.queries(), std::slice::from_ref(&q));
     }
 
     /// A resolver whose UDP replies are truncated and whose TCP replies are
