@@ -21,7 +21,7 @@ pub const TENANT_BUDGET: usize = 16 * 1024 * 1024;
 pub const GLOBAL_BUDGET: usize = 128 * 1024 * 1024;
 /// The most read at once while a head is charged: what a connection can hold
 /// beyond its charge while it waits for budget.
-pub const CHARGED_READ: usize = 8 * 1024;
+pub const CHARGED_READ: usize = 4 * 1024;
 
 /// The relay's budget and each tenant's.
 pub struct HeadBudgets {

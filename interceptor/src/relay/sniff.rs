@@ -163,11 +163,11 @@ impl RequestLines {
     /// request line was seen; undecided (`None`) while the first line could
     /// still become one, or, in a stream of text, a later line; else opaque.
     fn verdict(&self) -> Option<Protocol> {
+        let first_line_open = !self.ended_line && self.open(false);
+        let later_text_line_open = self.ended_line && self.text && self.open(true);
         if self.found {
             Some(Protocol::Http)
-        } else if !self.ended_line && self.open(false) {
-            None
-        } else if self.ended_line && self.text && self.open(true) {
+        } else if first_line_open || later_text_line_open {
             None
         } else {
             Some(Protocol::Opaque)
