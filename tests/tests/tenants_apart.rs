@@ -11,7 +11,6 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use interceptor_tests::*;
-use serde_json::Value;
 
 const TENANTS: &str = "
 [tenants.alpha]
@@ -333,7 +332,8 @@ fn sandbox_limits_are_the_rlimits_inside() {
     if !privileged("sandbox_limits_are_the_rlimits_inside") {
         return;
     }
-    let script = "ulimit -Sn; ulimit -Hn; ulimit -Su; ulimit -Hu";
+    // bash: dash's ulimit has no -u.
+    let script = "exec bash -c 'ulimit -Sn; ulimit -Hn; ulimit -Su; ulimit -Hu'";
     let d = start(5, "", TENANTS);
     let (code, out, err) = sh(&d, "alpha", script);
     assert_eq!((code, out.as_str()), (0, "4096\n4096\n512\n512"), "{err}");
