@@ -207,6 +207,18 @@ fn a_unix_socket_server_serves_its_own_tenant_and_refuses_another() {
     // beta may not write to alpha's socket file.
     let other = d.python("beta", &client);
     assert_eq!(stdout(&other).trim(), "EACCES", "{}", text(&other));
+    // Nor signal alpha's server.
+    let python = descendants(server.child.id())
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("python"))
+        })
+        .expect("the sandboxed server");
+    let (code, _, err) = sh(&d, "beta", &format!("kill -TERM {python}"));
+    assert_ne!(code, 0);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert!(Path::new(&format!("/proc/{python}")).exists());
 }
 
 #[test]
