@@ -486,3 +486,53 @@ time.sleep(60)
         "an unfinished head reached upstream"
     );
 }
+
+#[test]
+fn a_client_hello_sent_after_a_silence_is_judged_by_its_sni() {
+    if !privileged("a_client_hello_sent_after_a_silence_is_judged_by_its_sni") {
+        return;
+    }
+    let (tls, pem) = Upstream::start_tls("127.0.0.2:0", &["api.test", "blocked.test"]);
+    let port = tls.port();
+    let d = Daemon::start(CONFIG);
+    let ca = d.dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    // Connected, then silent past the relay's 1 s (as a pool that connects
+    // ahead of its requests is), then a handshake.
+    let body = format!(
+        r"import socket, ssl, time
+def late_hello(host):
+    ctx = ssl.create_default_context(cafile='{ca}')
+    s = socket.create_connection(('127.0.0.2', {port}), timeout=15)
+    time.sleep(1.5)
+    try:
+        t = ctx.wrap_socket(s, server_hostname=host)
+        t.sendall(b'GET /late HTTP/1.1\r\nHost: ' + host.encode() + b'\r\nConnection: close\r\n\r\n')
+        return t.recv(100).split(b'\r\n')[0].decode()
+    except (ssl.SSLError, OSError) as e:
+        return 'closed'
+print('allowed', late_hello('api.test'))
+print('blocked', late_hello('blocked.test'))
+",
+        ca = ca.display()
+    );
+    let out = d.python("acme", &body);
+    let got = printed(&out);
+    assert_eq!(
+        got,
+        [
+            ("allowed".to_string(), "HTTP/1.1 200 OK".to_string()),
+            ("blocked".to_string(), "closed".to_string()),
+        ],
+        "{}",
+        text(&out)
+    );
+    let uris: Vec<String> = tls.requests().iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(uris, ["/late"]);
+    let entry = d.wait_for_log("acme", |e| e["host"] == "blocked.test");
+    assert_eq!(entry["proto"], "tls");
+    assert_eq!(entry["decision"], "block");
+    let entry = d.wait_for_log("acme", |e| e["host"] == "api.test");
+    assert_eq!(entry["proto"], "tls");
+    assert_eq!(entry["decision"], "allow");
+}
