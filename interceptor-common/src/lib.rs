@@ -71,9 +71,12 @@ pub mod maps {
     /// `HashMap<u16 port, u8>`: the daemon's listening ports, refused to every
     /// bind in the subtree (dispatch `listen` and metrics beside relay and DNS).
     pub const GUARDED_PORTS: &str = "GUARDED_PORTS";
-    /// `HashMap<u64 socket cookie, u64 tenant cgroup id>`: inet sockets created
+    /// `HashMap<u64 socket address, u64 tenant cgroup id>`: inet sockets created
     /// in the subtree. A sandboxed task may use no other (one passed in).
     pub const SANDBOX_SOCKETS: &str = "SANDBOX_SOCKETS";
+    /// `HashMap<u64 socket address, u8>`: sockets from outside a sandboxed task
+    /// sent on; their packets are dropped.
+    pub const TAINTED_SOCKETS: &str = "TAINTED_SOCKETS";
     /// `HashMap<u64 tenant cgroup id, i64>`: inet sockets each tenant holds.
     pub const TENANT_SOCKETS: &str = "TENANT_SOCKETS";
     /// `PerCpuArray<u64>` indexed by [`super::Counter`].
@@ -95,6 +98,9 @@ pub enum Counter {
 impl Counter {
     pub const COUNT: u32 = 3;
 }
+
+/// Most sockets from outside the subtree that sandboxes have sent on at once.
+pub const MAX_TAINTED_SOCKETS: u32 = 4096;
 
 /// Most tenants (child cgroups of the subtree root) whose sockets are counted.
 pub const MAX_TENANTS: u32 = 16384;

@@ -11,12 +11,17 @@
 //! Return values: `0` allows, `-EPERM` refuses. When several BPF LSM programs
 //! share a hook the first refusal wins, so a `0` here never overrides another's.
 
-use core::{ffi::c_void, ptr::read_volatile};
+use core::ptr::read_volatile;
 
-use aya_ebpf::{helpers::bpf_get_socket_cookie, macros::lsm, programs::LsmContext};
+use aya_ebpf::{macros::lsm, programs::LsmContext};
 use interceptor_common::{Counter, AF_INET, AF_INET6};
 
-use crate::{count, options::redirecting_option, tasks::sandboxed_task, SANDBOX_SOCKETS};
+use crate::{
+    count,
+    options::redirecting_option,
+    tasks::{sandboxed_task, SOCK_FAMILY},
+    SANDBOX_SOCKETS,
+};
 
 const EPERM: i32 = 1;
 const ALLOW: i32 = 0;
@@ -30,9 +35,6 @@ const NETLINK_ROUTE: u32 = 0;
 /// `sk`, unchanged since Linux 2.6. The verifier checks this load against the
 /// kernel's BTF, and `bpf_get_socket_cookie` accepts only a `struct sock`.
 const SOCKET_SK: usize = 24;
-/// `struct sock_common`: the address pair (8), the hash (4), the port pair (4),
-/// then `skc_family`, unchanged since Linux 2.6.
-const SOCK_FAMILY: usize = 16;
 
 /// The `struct sock` of a `struct socket` (null while it has none).
 #[inline(always)]
@@ -66,12 +68,8 @@ fn foreign_inet(socket: *const u8) -> bool {
     if !inet(family_of(socket)) {
         return false;
     }
-    // SAFETY: `sk` is the socket's BTF-typed `struct sock`; the value of the
-    // map lookup is only tested for presence.
-    unsafe {
-        let cookie = bpf_get_socket_cookie(sock_of(socket) as *mut c_void);
-        SANDBOX_SOCKETS.get(&cookie).is_none()
-    }
+    // SAFETY: the socket's address is the key; the value is only tested for presence.
+    unsafe { SANDBOX_SOCKETS.get(&(sock_of(socket) as u64)) }.is_none()
 }
 
 #[inline(always)]

@@ -48,7 +48,7 @@ use aya_ebpf::{
 };
 use interceptor_common::{
     ClientSocket, Counter, OriginalDestination, RedirectConfig, AF_INET, AF_INET6,
-    MAX_GUARDED_PORTS, MAX_TENANTS, MAX_TRACKED_SOCKETS,
+    MAX_GUARDED_PORTS, MAX_TAINTED_SOCKETS, MAX_TENANTS, MAX_TRACKED_SOCKETS,
 };
 
 /// The LSM programs need a GPL-compatible license; the crate is MIT or GPL-2.0.
@@ -75,12 +75,18 @@ static REDIRECT_CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
 #[map]
 static GUARDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_GUARDED_PORTS, 0);
 
-/// Cookie of each inet socket created in the subtree → the tenant cgroup it
-/// counts against (filled by `sock_create`, emptied on release). Not an LRU:
-/// a full map refuses new sockets rather than forgetting live ones. Pinned, so
-/// that a restarted daemon still knows the sockets created before it.
+/// Each inet socket created in the subtree (its kernel address: the one key
+/// every hook, the kprobe included, can read) → the tenant cgroup it counts
+/// against. Filled by `sock_create`, emptied on release. Not an LRU: a full
+/// map refuses new sockets rather than forgetting live ones. Pinned, so that a
+/// restarted daemon still knows the sockets created before it.
 #[map]
 static SANDBOX_SOCKETS: HashMap<u64, u64> = HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+
+/// Inet sockets from outside the subtree that a sandboxed task sent on (kernel
+/// address): every packet of theirs is dropped until they are released.
+#[map]
+static TAINTED_SOCKETS: HashMap<u64, u8> = HashMap::pinned(MAX_TAINTED_SOCKETS, 0);
 
 /// Tenant cgroup (the subtree root's child) → how many inet sockets its
 /// sandboxes hold, against `RedirectConfig::sockets_per_tenant`. Pinned with
@@ -533,12 +539,13 @@ pub fn icpt_release(ctx: SockContext) -> i32 {
     // SAFETY: plain helper call valid in cgroup sock programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = SOCKET_DESTINATIONS.remove(&cookie);
+    let sk = ctx.sock as u64;
     // SAFETY: the value is copied out at once.
-    if let Some(tenant) = unsafe { SANDBOX_SOCKETS.get(&cookie) }.copied() {
+    if let Some(tenant) = unsafe { SANDBOX_SOCKETS.get(&sk) }.copied() {
         if let Some(held) = TENANT_SOCKETS.get_ptr_mut(&tenant) {
             add(held, -1);
         }
-        let _ = SANDBOX_SOCKETS.remove(&cookie);
+        let _ = SANDBOX_SOCKETS.remove(&sk);
     }
     1
 }
@@ -594,18 +601,14 @@ pub fn icpt_sockcreate(ctx: SockContext) -> i32 {
     let Some(cfg) = config() else {
         return REFUSE;
     };
-    // SAFETY: plain helper calls valid in cgroup sock programs.
-    let (cookie, tenant) = unsafe {
-        (
-            bpf_get_socket_cookie(ctx.as_ptr()),
-            bpf_get_current_ancestor_cgroup_id(cfg.subtree_level as i32 + 1),
-        )
-    };
+    let sk = ctx.sock as u64;
+    // SAFETY: a plain helper call valid in cgroup sock programs.
+    let tenant = unsafe { bpf_get_current_ancestor_cgroup_id(cfg.subtree_level as i32 + 1) };
     if !charge_tenant(tenant) {
         count(Counter::CallsRefused);
         return REFUSE;
     }
-    if SANDBOX_SOCKETS.insert(&cookie, &tenant, 0).is_err() {
+    if SANDBOX_SOCKETS.insert(&sk, &tenant, 0).is_err() {
         // Full: a socket the task-keyed hooks would take for one passed in.
         if let Some(held) = TENANT_SOCKETS.get_ptr_mut(&tenant) {
             add(held, -1);

@@ -26,13 +26,13 @@ use interceptor_tests::{free_port, privileged, remove_cgroup_tree};
 
 /// A fresh child cgroup of the cgroup2 mount, removed (with whatever still
 /// runs in it) on drop.
-/// Programs attached for a subtree: 18 on the subtree, 6 task-keyed ones at
-/// the cgroup root, and 10 LSM programs where the kernel takes them (these
-/// machines refuse them: see `Enforcement::lsm_state`).
+/// Programs attached for a subtree: 18 on the subtree, 9 task-keyed ones at
+/// the cgroup root and a tracepoint, and 9 LSM programs where the kernel takes
+/// them (these machines refuse them: see `Enforcement::lsm_state`).
 fn program_count(enforcement: &Enforcement) -> usize {
     match enforcement.lsm_state() {
-        interceptor::ebpf::LsmState::Active => 34,
-        interceptor::ebpf::LsmState::Inactive(_) => 24,
+        interceptor::ebpf::LsmState::Active => 37,
+        interceptor::ebpf::LsmState::Inactive(_) => 28,
     }
 }
 
@@ -61,20 +61,20 @@ impl Drop for TestCgroup {
 /// Starts `python3 -c script` inside `cgroup` (it moves itself there between
 /// fork and exec), with stdout piped and line-buffered.
 fn sandboxed_python(cgroup: &Path, script: &str) -> (Child, BufReader<ChildStdout>) {
-    sandboxed_python_with_fds(cgroup, script, Stdio::null(), None)
+    sandboxed_python_with_fds(cgroup, script, Stdio::null(), Vec::new())
 }
 
 /// Like [`sandboxed_python`], with `stdin` as the child's descriptor 0 and
-/// `fd3` as its descriptor 3 (sockets of the test's own, handed in).
+/// `extra` as its descriptors 3, 4 (sockets of the test's own, handed in).
 fn sandboxed_python_with_fds(
     cgroup: &Path,
     script: &str,
     stdin: Stdio,
-    fd3: Option<std::os::fd::OwnedFd>,
+    extra: Vec<std::os::fd::OwnedFd>,
 ) -> (Child, BufReader<ChildStdout>) {
     use std::os::fd::AsRawFd;
     let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
-    let fd3_raw = fd3.as_ref().map_or(-1, |fd| fd.as_raw_fd());
+    let raw: Vec<i32> = extra.iter().map(AsRawFd::as_raw_fd).collect();
     let mut cmd = Command::new("python3");
     cmd.args(["-u", "-c", script])
         .stdin(stdin)
@@ -93,14 +93,22 @@ fn sandboxed_python_with_fds(
             if written != 1 {
                 return Err(err);
             }
-            if fd3_raw >= 0 && libc::dup2(fd3_raw, 3) != 3 {
-                return Err(std::io::Error::last_os_error());
+            // Each above 10 first, so no dup2 overwrites one still to be placed.
+            for (i, fd) in raw.iter().enumerate() {
+                if libc::dup2(*fd, 10 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for i in 0..raw.len() as i32 {
+                if libc::dup2(10 + i, 3 + i) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
     let mut child = cmd.spawn().expect("start python3 in the test cgroup");
-    drop(fd3);
+    drop(extra);
     let stdout = BufReader::new(child.stdout.take().unwrap());
     (child, stdout)
 }
@@ -508,6 +516,10 @@ attempt('passed_bind', lambda: passed.bind(('127.0.0.1', 0)))
 attempt('passed_connect', lambda: passed.connect(('127.0.0.9', {port})))
 udp = socket.socket(fileno=3)
 attempt('passed_sendto', lambda: udp.sendto(b'x', ('127.0.0.9', 53)))
+connected = socket.socket(fileno=4)
+connected.settimeout(2)
+attempt('connected_send', lambda: connected.sendall(b'secret'))
+attempt('connected_reply', lambda: print('reply=%r' % connected.recv(100)))
 own = socket.socket()
 own.settimeout(5)
 attempt('own_connect', lambda: own.connect(('127.0.0.9', {port})))
@@ -515,11 +527,15 @@ print('done=1')
 "
     );
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // A connection the test opened itself, to a server of its own outside.
+    let server = TcpListener::bind("127.0.0.9:0").unwrap();
+    let connected = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+    let (mut accepted, _) = server.accept().unwrap();
     let (child, mut out) = sandboxed_python_with_fds(
         &cgroup.path,
         &script,
         Stdio::from(outside_tcp_socket()),
-        Some(std::os::fd::OwnedFd::from(udp)),
+        vec![udp.into(), connected.into()],
     );
     for (name, expected) in [
         ("unix", "ok"),
@@ -535,6 +551,27 @@ print('done=1')
         ("passed_connect", "EPERM"),
         ("passed_sendto", "EPERM"),
     ] {
+        assert_eq!(expect_line(&mut out, name), expected, "{name}");
+    }
+    // Sending on a connection made outside queues the bytes, but none leaves:
+    // the socket is tainted and its packets dropped (so no reply either).
+    assert_eq!(expect_line(&mut out, "connected_send"), "ok");
+    accepted
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match accepted.read(&mut buf) {
+        Ok(n) => assert_eq!(n, 0, "bytes got out: {:?}", &buf[..n]),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        ),
+    }
+    accepted.write_all(b"hello").unwrap();
+    for (name, expected) in [("connected_reply", "None")] {
         assert_eq!(expect_line(&mut out, name), expected, "{name}");
     }
     // The sandbox's own socket is redirected to the relay as always.

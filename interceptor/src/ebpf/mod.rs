@@ -131,6 +131,13 @@ pub enum EbpfError {
         #[source]
         source: ProgramError,
     },
+    #[error("cannot attach eBPF program `{program}` to tracepoint {function}: {source}")]
+    AttachProbe {
+        program: &'static str,
+        function: &'static str,
+        #[source]
+        source: ProgramError,
+    },
     #[error("bpffs pin {}: {source}", path.display())]
     Pin {
         path: PathBuf,
@@ -235,6 +242,9 @@ impl AttachType {
             Self::Sendmsg6 => "root/sendmsg6",
             Self::Connect4 => "root/connect4",
             Self::Connect6 => "root/connect6",
+            Self::SockRelease => "root/sock_release",
+            Self::InetEgress => "root/egress",
+            Self::InetIngress => "root/ingress",
             _ => "root",
         }
     }
@@ -301,7 +311,14 @@ const ROOT_PROGRAMS: &[ProgramSpec] = &[
     spec("icpt_t_send6", AttachType::Sendmsg6),
     spec("icpt_t_conn4", AttachType::Connect4),
     spec("icpt_t_conn6", AttachType::Connect6),
+    spec("icpt_t_release", AttachType::SockRelease),
+    spec("icpt_t_egress", AttachType::InetEgress),
+    spec("icpt_t_ingress", AttachType::InetIngress),
 ];
+
+/// The raw tracepoint that taints a TCP socket from outside that a sandboxed
+/// task sends on (the root `cgroup_skb` programs then drop its packets).
+const TAINT_PROBE: (&str, &str) = ("icpt_tp_tcpsend", "tcp_sendmsg_locked");
 
 /// One BPF LSM program and its hook.
 struct LsmSpec {
@@ -405,6 +422,16 @@ impl Enforcement {
                 name: spec.name,
                 source,
             })?;
+        }
+
+        {
+            let (name, _) = TAINT_PROBE;
+            let Some(Program::RawTracePoint(probe)) = ebpf.program_mut(name) else {
+                return Err(EbpfError::MissingProgram(name));
+            };
+            probe
+                .load()
+                .map_err(|source| EbpfError::Program { name, source })?;
         }
 
         let lsm = match pins::bpf_lsm_active() {
@@ -535,7 +562,28 @@ impl Enforcement {
                 sys::obj_pin(link.as_fd(), path)
             })?;
         }
-        Ok(())
+        self.attach_taint_probe()
+    }
+
+    fn attach_taint_probe(&mut self) -> Result<(), EbpfError> {
+        let (name, function) = TAINT_PROBE;
+        let Some(Program::RawTracePoint(probe)) = self.ebpf.program_mut(name) else {
+            return Err(EbpfError::MissingProgram(name));
+        };
+        let attach_error = |source| EbpfError::AttachProbe {
+            program: name,
+            function,
+            source,
+        };
+        let our_id = probe.info().map_err(attach_error)?.id();
+        if pins::pinned_program(&self.pin_dir, name) == Some(our_id) {
+            return Ok(());
+        }
+        let link = probe.attach(function).map_err(attach_error)?;
+        let link = aya::programs::links::FdLink::from(probe.take_link(link).map_err(attach_error)?);
+        pins::replace_pin(&self.pin_dir, name, |path| {
+            link.pin(path).map(drop).map_err(io::Error::other)
+        })
     }
 
     fn attach_lsm(&mut self) -> Result<(), EbpfError> {
@@ -736,6 +784,7 @@ pub fn attached_programs(cgroup_dir: &Path) -> Result<Vec<AttachedProgram>, Ebpf
     let pinned = ROOT_PROGRAMS
         .iter()
         .map(|spec| (spec.name, spec.attach_type.root_name()))
+        .chain([(TAINT_PROBE.0, "root/tcp_sendmsg_locked")])
         .chain(
             LSM_PROGRAMS
                 .iter()
@@ -816,6 +865,7 @@ pub fn detach_all(cgroup_dir: &Path) -> Result<usize, EbpfError> {
     let pin_dir = pins::existing_subtree_dir(&cgroup2_mount()?, cgroup_dir);
     let pinned = ROOT_PROGRAMS.iter().map(|spec| spec.name);
     detached += pinned
+        .chain([TAINT_PROBE.0])
         .chain(LSM_PROGRAMS.iter().map(|spec| spec.name))
         .filter(|name| pins::pinned_program(&pin_dir, name).is_some())
         .count();
