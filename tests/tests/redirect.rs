@@ -571,9 +571,8 @@ print('done=1')
         ),
     }
     accepted.write_all(b"hello").unwrap();
-    for (name, expected) in [("connected_reply", "None")] {
-        assert_eq!(expect_line(&mut out, name), expected, "{name}");
-    }
+    // A timeout: the answer never reached the sandbox either.
+    assert_eq!(expect_line(&mut out, "connected_reply"), "None");
     // The sandbox's own socket is redirected to the relay as always.
     let (_conn, _) = accept(&relay4);
     assert_eq!(expect_line(&mut out, "own_connect"), "ok");

@@ -958,14 +958,30 @@ mod tests {
         check::<Enforcement>();
     }
 
+    /// Every program's name, whatever it is attached to.
+    fn all_names() -> Vec<&'static str> {
+        PROGRAMS
+            .iter()
+            .chain(ROOT_PROGRAMS)
+            .map(|spec| spec.name)
+            .chain([TAINT_PROBE.0])
+            .chain(LSM_PROGRAMS.iter().map(|spec| spec.name))
+            .collect()
+    }
+
     #[test]
     fn program_names_fit_the_kernel_and_are_distinct() {
-        for (i, a) in PROGRAMS.iter().enumerate() {
-            assert!(a.name.len() <= 15, "{} is too long", a.name);
-            assert!(a.name.starts_with(PROGRAM_PREFIX));
-            for b in &PROGRAMS[i + 1..] {
-                assert_ne!(a.name, b.name);
-                assert_ne!(a.attach_type, b.attach_type);
+        let names = all_names();
+        for (i, a) in names.iter().enumerate() {
+            assert!(a.len() <= 15, "{a} is too long");
+            assert!(a.starts_with(PROGRAM_PREFIX));
+            assert!(!names[i + 1..].contains(a), "{a} twice");
+        }
+        for programs in [PROGRAMS, ROOT_PROGRAMS] {
+            for (i, a) in programs.iter().enumerate() {
+                for b in &programs[i + 1..] {
+                    assert_ne!(a.attach_type, b.attach_type, "{} and {}", a.name, b.name);
+                }
             }
         }
     }
@@ -973,13 +989,18 @@ mod tests {
     #[test]
     fn embedded_object_has_every_program_and_map() {
         let obj = aya_obj_names(OBJECT);
-        for spec in PROGRAMS {
-            assert!(obj.iter().any(|n| n == spec.name), "missing {}", spec.name);
+        for name in all_names() {
+            assert!(obj.iter().any(|n| n == name), "missing {name}");
         }
         for map in [
             maps::SOCKET_DESTINATIONS,
             maps::RELAY_HANDOFF,
             maps::REDIRECT_CONFIG,
+            maps::GUARDED_PORTS,
+            maps::SANDBOX_SOCKETS,
+            maps::TAINTED_SOCKETS,
+            maps::TENANT_SOCKETS,
+            maps::COUNTERS,
         ] {
             assert!(obj.iter().any(|n| n == map), "missing {map}");
         }
