@@ -153,6 +153,21 @@ impl RequestLines {
         self.found
     }
 
+    /// [`RequestLines::feed`] for a whole stream, at the speed of a memchr: bytes
+    /// in which no `HTTP/` can end are not walked byte by byte, only the line
+    /// they end in. (Does not track what classifying needs: for watching.)
+    pub fn watch(&mut self, bytes: &[u8]) -> bool {
+        let split = |line: Line| matches!(line, Line::Version(_));
+        if self.found || split(self.cr_space) || split(self.cr_breaks) || may_end_version(bytes) {
+            return self.feed(bytes);
+        }
+        let last_lf = memchr::memrchr(b'\n', bytes);
+        let last_break = memchr::memrchr2(b'\n', b'\r', bytes);
+        self.cr_space = line_after(self.cr_space, bytes, last_lf, false);
+        self.cr_breaks = line_after(self.cr_breaks, bytes, last_break, true);
+        false
+    }
+
     /// The line being read could still become a request line.
     fn open(&self, nonempty: bool) -> bool {
         let open = |line: Line| line != Line::Other && !(nonempty && line == Line::Start);
@@ -173,6 +188,28 @@ impl RequestLines {
             Some(Protocol::Opaque)
         }
     }
+}
+
+/// Whether an `HTTP/` (any case) may end in `bytes`: one that began before
+/// them leaves its scanner in [`Line::Version`].
+fn may_end_version(bytes: &[u8]) -> bool {
+    memchr::memchr_iter(b'/', bytes).any(|i| i < 4 || bytes[i - 4..i].eq_ignore_ascii_case(b"HTTP"))
+}
+
+/// Where `line` stands after `bytes`, in which no request line can end, and
+/// whose last line break (for its variant) is at `last_break`.
+fn line_after(line: Line, bytes: &[u8], last_break: Option<usize>, cr_breaks: bool) -> Line {
+    let (mut line, rest) = match last_break {
+        Some(i) => (Line::Start, &bytes[i + 1..]),
+        None => (line, bytes),
+    };
+    for &b in rest {
+        if line == Line::Other {
+            break;
+        }
+        line = line.next(b, cr_breaks).unwrap_or(Line::Other);
+    }
+    line
 }
 
 fn is_text(b: u8) -> bool {
@@ -528,14 +565,33 @@ mod tests {
     fn a_request_line_is_found_however_the_stream_is_cut() {
         let stream = b"\x00binary\r\nPING\r\nPOST\t/upload Http/1.1\r\nHost: x\r\n";
         for size in 1..stream.len() {
-            let mut lines = RequestLines::default();
-            let found = stream.chunks(size).any(|chunk| lines.feed(chunk));
-            assert!(found, "cut every {size} bytes");
+            let mut fed = RequestLines::default();
+            assert!(
+                stream.chunks(size).any(|chunk| fed.feed(chunk)),
+                "fed in {size}-byte pieces"
+            );
+            let mut watched = RequestLines::default();
+            assert!(
+                stream.chunks(size).any(|chunk| watched.watch(chunk)),
+                "watched in {size}-byte pieces"
+            );
         }
-        let mut lines = RequestLines::default();
-        assert!(!lines.feed(b"PING\r\nSET k \"GET / x\"\r\n\x00\xffHTTP/1.1"));
-        assert!(!lines.feed(b"\r\nGET /HTTP/1.1\r\n"));
-        assert!(lines.feed(b"x y HTTP/"));
+        for watch in [false, true] {
+            let mut lines = RequestLines::default();
+            let mut feed = |bytes: &[u8]| {
+                if watch {
+                    lines.watch(bytes)
+                } else {
+                    lines.feed(bytes)
+                }
+            };
+            assert!(!feed(b"PING\r\nSET k \"GET / x\"\r\n\x00\xffHTTP/1.1"));
+            assert!(!feed(b"\r\nGET /HTTP/1.1\r\n"));
+            // A request line begun in one piece, its version in the next.
+            assert!(!feed(b"\x00\r\nPUT /a/b"));
+            assert!(!feed(b"/c\t"));
+            assert!(feed(b"http/1.1\r\n"));
+        }
     }
 
     #[test]

@@ -345,7 +345,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         };
         let refused = if self.tls_first_refused && first == TLS_HANDSHAKE {
             Some("tcp:tls")
-        } else if self.lines.feed(read) {
+        } else if self.lines.watch(read) {
             Some("tcp:http")
         } else {
             None
