@@ -14,15 +14,15 @@ use core::ptr::read_volatile;
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use interceptor_common::{Counter, RedirectConfig};
 
-use crate::{config, count};
+use crate::{config, count, IPPROTO_TCP, IPPROTO_UDP};
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
+const TCP: u8 = IPPROTO_TCP as u8;
+const UDP: u8 = IPPROTO_UDP as u8;
 
 /// Which end of the packet the daemon must be.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -535,19 +535,25 @@ impl Enforcement {
         self.attach_to_cgroup()
     }
 
+    /// The descriptor and kernel id of the loaded program `name`.
+    fn loaded(&self, name: &'static str) -> Result<(std::os::fd::BorrowedFd<'_>, u32), EbpfError> {
+        let program = self
+            .ebpf
+            .program(name)
+            .ok_or(EbpfError::MissingProgram(name))?;
+        let fd = program
+            .fd()
+            .map_err(|source| EbpfError::Program { name, source })?
+            .as_fd();
+        let (id, _) = sys::prog_id_name(fd).map_err(EbpfError::ProgramInfo)?;
+        Ok((fd, id))
+    }
+
     fn attach_to_root(&mut self) -> Result<(), EbpfError> {
         let root_dir = cgroup2_mount()?;
         let root = open_cgroup(&root_dir)?;
         for spec in ROOT_PROGRAMS {
-            let program = self
-                .ebpf
-                .program(spec.name)
-                .ok_or(EbpfError::MissingProgram(spec.name))?;
-            let prog_fd = program.fd().map_err(|source| EbpfError::Program {
-                name: spec.name,
-                source,
-            })?;
-            let (our_id, _) = sys::prog_id_name(prog_fd.as_fd()).map_err(EbpfError::ProgramInfo)?;
+            let (prog_fd, our_id) = self.loaded(spec.name)?;
             if pins::pinned_program(&self.pin_dir, spec.name) == Some(our_id) {
                 continue;
             }
@@ -615,16 +621,7 @@ impl Enforcement {
         let cgroup_dir = cgroup_dir.as_path();
         let cgroup = open_cgroup(cgroup_dir)?;
         for spec in PROGRAMS {
-            let program = self
-                .ebpf
-                .program(spec.name)
-                .ok_or(EbpfError::MissingProgram(spec.name))?;
-            let prog_fd = program.fd().map_err(|source| EbpfError::Program {
-                name: spec.name,
-                source,
-            })?;
-            let prog_fd = prog_fd.as_fd();
-            let (our_id, _) = sys::prog_id_name(prog_fd).map_err(EbpfError::ProgramInfo)?;
+            let (prog_fd, our_id) = self.loaded(spec.name)?;
             let attach_type = spec.attach_type;
             let attach_error = |source| EbpfError::Attach {
                 program: spec.name,
