@@ -38,8 +38,8 @@ allow_cidrs = ["127.0.0.2/32"]
 /// line of what comes back (`closed` when nothing does).
 const EXCHANGE: &str = r"
 import socket, sys, time
-def exchange(port, parts, greeting=False):
-    s = socket.create_connection(('127.0.0.2', port), timeout=15)
+def exchange(port, parts, greeting=False, ip='127.0.0.2'):
+    s = socket.create_connection((ip, port), timeout=15)
     got = b''
     if greeting:
         got = s.recv(100)
@@ -227,10 +227,27 @@ fn a_request_is_judged_by_its_host_however_its_request_line_is_written_or_timed(
             parts(&["1.5", &request("GET /allowed-silent HTTP/1.1", "api.test")]),
             "HTTP/1.1 200 OK",
         ),
+        // Silent, to an address the tenant may not reach as bytes (so no server
+        // can speak first): still judged by the request, sent where api.test is.
+        (
+            "allowed-silent-elsewhere",
+            parts(&[
+                "1.5",
+                &request("GET /allowed-silent-elsewhere HTTP/1.1", "api.test"),
+            ]),
+            "HTTP/1.1 200 OK",
+        ),
     ];
     let body: String = cases
         .iter()
-        .map(|(name, parts, _)| format!("print('{name}', exchange({port}, {parts}))\n"))
+        .map(|(name, parts, _)| {
+            let ip = if name.ends_with("elsewhere") {
+                ", ip='127.0.0.3'"
+            } else {
+                ""
+            };
+            format!("print('{name}', exchange({port}, {parts}{ip}))\n")
+        })
         .collect();
     let out = d.python("acme", &script(&body));
     let got = printed(&out);
@@ -248,7 +265,12 @@ fn a_request_is_judged_by_its_host_however_its_request_line_is_written_or_timed(
     let uris: Vec<String> = upstream.requests().iter().map(|r| r.uri.clone()).collect();
     assert_eq!(
         uris,
-        ["/allowed", "/allowed-paused", "/allowed-silent"],
+        [
+            "/allowed",
+            "/allowed-paused",
+            "/allowed-silent",
+            "/allowed-silent-elsewhere"
+        ],
         "{:#?}",
         upstream.requests()
     );
