@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tls_parser::{
@@ -13,7 +14,8 @@ use tls_parser::{
     TlsMessageHandshake,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::http::elapsed_ms;
@@ -119,6 +121,23 @@ pub struct Connected {
     pub decision: Decision,
 }
 
+/// Waits until `socket` has a byte to read, or its end: readiness alone may be
+/// a false positive, and a silent side taken for one that spoke would decide
+/// the wrong way.
+async fn input(socket: &TcpStream) -> io::Result<()> {
+    loop {
+        socket.readable().await?;
+        let peeked = socket.try_io(Interest::READABLE, || {
+            SockRef::from(socket).peek(&mut [MaybeUninit::uninit(); 1])
+        });
+        match peeked {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // A byte, the end, or an error the reader will meet: it spoke.
+            _ => return Ok(()),
+        }
+    }
+}
+
 /// Relays any other TCP, judged by the dialled address: `connected` when a
 /// connection to it was already made while the client was silent, and
 /// `server_spoke` when that server spoke first.
@@ -178,7 +197,7 @@ pub async fn first_speaker(
     let (decision, target) = judge_address(conn, ctx);
     let Some(target) = target else {
         let waited = tokio::select! {
-            ready = client.readable() => ready.is_ok(),
+            spoke = input(client) => spoke.is_ok(),
             () = tokio::time::sleep(SILENT_BLOCKED) => false,
             () = ctx.shutdown.cancelled() => false,
         };
@@ -209,8 +228,8 @@ pub async fn first_speaker(
     let server_first = tokio::select! {
         // Both at once: the server spoke first, the client answers it.
         biased;
-        _ = server.readable() => true,
-        _ = client.readable() => false,
+        _ = input(&server) => true,
+        _ = input(client) => false,
         () = ctx.shutdown.cancelled() => return FirstSpeaker::Neither,
     };
     let connected = Connected {
