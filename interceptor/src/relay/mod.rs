@@ -268,7 +268,9 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<RelayContext>)
     };
     let mut connected = None;
     if protocol == sniff::Protocol::Silent {
-        match stream::first_speaker(&stream, &conn, &ctx, started).await {
+        // Boxed, as the paths below: only the few silent connections pay for it.
+        let first = Box::pin(stream::first_speaker(&stream, &conn, &ctx, started)).await;
+        match first {
             stream::FirstSpeaker::Server(server) => {
                 drop(charge);
                 let stream = sniff::Prefixed::new(prefix, stream);
