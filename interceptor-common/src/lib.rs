@@ -69,14 +69,12 @@ pub mod maps {
     /// `Array<RedirectConfig>` with one entry.
     pub const REDIRECT_CONFIG: &str = "REDIRECT_CONFIG";
     /// `HashMap<u16 port, u8>`: the daemon's listening ports, refused to every
-    /// bind in the subtree (dispatch `listen` and metrics beside relay and DNS).
+    /// bind in the subtree (each dispatch `listen` beside relay and DNS).
     pub const GUARDED_PORTS: &str = "GUARDED_PORTS";
     /// `HashMap<u64 socket address, u64 tenant cgroup id>`: inet sockets created
     /// in the subtree. A sandboxed task may use no other (one passed in).
     pub const SANDBOX_SOCKETS: &str = "SANDBOX_SOCKETS";
-    /// `HashMap<u64 socket address, u8>`: sockets from outside a sandboxed task
-    /// sent on; their packets are dropped.
-    pub const TAINTED_SOCKETS: &str = "TAINTED_SOCKETS";
+
     /// `HashMap<u64 tenant cgroup id, i64>`: inet sockets each tenant holds.
     pub const TENANT_SOCKETS: &str = "TENANT_SOCKETS";
     /// `PerCpuArray<u64>` indexed by [`super::Counter`].
@@ -91,7 +89,8 @@ pub enum Counter {
     EgressDropped = 0,
     /// Packets reaching a sandbox's socket from anything but the relay or DNS listener.
     IngressDropped = 1,
-    /// Socket calls of sandboxed tasks the LSM programs refused.
+    /// Socket calls of sandboxed tasks refused: a socket from outside, a
+    /// routing option, the per-tenant socket cap, an LSM hook.
     CallsRefused = 2,
 }
 
@@ -99,13 +98,13 @@ impl Counter {
     pub const COUNT: u32 = 3;
 }
 
-/// Most sockets from outside the subtree that sandboxes have sent on at once.
-pub const MAX_TAINTED_SOCKETS: u32 = 4096;
+/// Most inet sockets all sandboxes of a subtree hold at once.
+pub const MAX_SANDBOX_SOCKETS: u32 = 1 << 20;
 
 /// Most tenants (child cgroups of the subtree root) whose sockets are counted.
 pub const MAX_TENANTS: u32 = 16384;
 
-/// Most daemon ports the bind hooks guard (relay, DNS, each dispatch `listen`, metrics).
+/// Most daemon ports the bind hooks guard (relay, DNS, each dispatch `listen`).
 pub const MAX_GUARDED_PORTS: u32 = 256;
 
 /// Map sizes: bounded so a sandbox cannot exhaust kernel memory.

@@ -24,16 +24,17 @@ use crate::{
 };
 
 const EPERM: i32 = 1;
-const ALLOW: i32 = 0;
-const REFUSE: i32 = -EPERM;
+/// LSM hooks allow with 0 and refuse with an errno (the cgroup programs use 1 and 0).
+const LSM_ALLOW: i32 = 0;
+const LSM_REFUSE: i32 = -EPERM;
 
 const AF_UNIX: u32 = 1;
 const AF_NETLINK: u32 = 16;
 const NETLINK_ROUTE: u32 = 0;
 
 /// `struct socket`: `state` (4), `type` (2 + 2), `flags` (8), `file` (8), then
-/// `sk`, unchanged since Linux 2.6. The verifier checks this load against the
-/// kernel's BTF, and `bpf_get_socket_cookie` accepts only a `struct sock`.
+/// `sk`: these fields have not moved since Linux 2.6. The verifier checks the
+/// load against the kernel's BTF.
 const SOCKET_SK: usize = 24;
 
 /// The `struct sock` of a `struct socket` (null while it has none).
@@ -75,21 +76,21 @@ fn foreign_inet(socket: *const u8) -> bool {
 #[inline(always)]
 fn refuse() -> i32 {
     count(Counter::CallsRefused);
-    REFUSE
+    LSM_REFUSE
 }
 
 /// Refuses socket calls of sandboxed tasks on inet sockets from outside.
 #[inline(always)]
-fn own_sockets_only(ctx: &LsmContext) -> i32 {
+fn created_in_subtree_only(ctx: &LsmContext) -> i32 {
     if !sandboxed_task() {
-        return ALLOW;
+        return LSM_ALLOW;
     }
     // SAFETY: argument 0 of every socket_* hook below is the `struct socket *`.
     let socket: *const u8 = unsafe { ctx.arg(0) };
     if foreign_inet(socket) {
         refuse()
     } else {
-        ALLOW
+        LSM_ALLOW
     }
 }
 
@@ -101,12 +102,12 @@ pub fn icpt_l_create(ctx: LsmContext) -> i32 {
     // SAFETY: socket_create(int family, int type, int protocol, int kern).
     let (family, protocol, kern): (u32, u32, u32) = unsafe { (ctx.arg(0), ctx.arg(2), ctx.arg(3)) };
     if kern != 0 || !sandboxed_task() {
-        return ALLOW;
+        return LSM_ALLOW;
     }
     let allowed =
         family == AF_UNIX || inet(family) || (family == AF_NETLINK && protocol == NETLINK_ROUTE);
     if allowed {
-        ALLOW
+        LSM_ALLOW
     } else {
         refuse()
     }
@@ -114,36 +115,36 @@ pub fn icpt_l_create(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "socket_connect")]
 pub fn icpt_l_connect(ctx: LsmContext) -> i32 {
-    own_sockets_only(&ctx)
+    created_in_subtree_only(&ctx)
 }
 
 #[lsm(hook = "socket_bind")]
 pub fn icpt_l_bind(ctx: LsmContext) -> i32 {
-    own_sockets_only(&ctx)
+    created_in_subtree_only(&ctx)
 }
 
 #[lsm(hook = "socket_sendmsg")]
 pub fn icpt_l_sendmsg(ctx: LsmContext) -> i32 {
-    own_sockets_only(&ctx)
+    created_in_subtree_only(&ctx)
 }
 
 #[lsm(hook = "socket_recvmsg")]
 pub fn icpt_l_recvmsg(ctx: LsmContext) -> i32 {
-    own_sockets_only(&ctx)
+    created_in_subtree_only(&ctx)
 }
 
 /// Refuses sandboxed tasks any use of an inet socket through this hook.
 #[inline(always)]
 fn no_inet(ctx: &LsmContext) -> i32 {
     if !sandboxed_task() {
-        return ALLOW;
+        return LSM_ALLOW;
     }
     // SAFETY: argument 0 of the hooks below is the `struct socket *`.
     let socket: *const u8 = unsafe { ctx.arg(0) };
     if inet(family_of(socket)) {
         refuse()
     } else {
-        ALLOW
+        LSM_ALLOW
     }
 }
 
@@ -162,7 +163,7 @@ pub fn icpt_l_accept(ctx: LsmContext) -> i32 {
 #[lsm(hook = "socket_setsockopt")]
 pub fn icpt_l_setsopt(ctx: LsmContext) -> i32 {
     if !sandboxed_task() {
-        return ALLOW;
+        return LSM_ALLOW;
     }
     // SAFETY: socket_setsockopt(struct socket *sock, int level, int optname).
     let (socket, level, optname): (*const u8, i32, i32) =
@@ -170,7 +171,7 @@ pub fn icpt_l_setsopt(ctx: LsmContext) -> i32 {
     if redirecting_option(level, optname) || foreign_inet(socket) {
         refuse()
     } else {
-        ALLOW
+        LSM_ALLOW
     }
 }
 
@@ -180,6 +181,6 @@ pub fn icpt_l_userns(_ctx: LsmContext) -> i32 {
     if sandboxed_task() {
         refuse()
     } else {
-        ALLOW
+        LSM_ALLOW
     }
 }

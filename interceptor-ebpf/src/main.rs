@@ -48,7 +48,7 @@ use aya_ebpf::{
 };
 use interceptor_common::{
     ClientSocket, Counter, OriginalDestination, RedirectConfig, AF_INET, AF_INET6,
-    MAX_GUARDED_PORTS, MAX_TAINTED_SOCKETS, MAX_TENANTS, MAX_TRACKED_SOCKETS,
+    MAX_GUARDED_PORTS, MAX_SANDBOX_SOCKETS, MAX_TENANTS, MAX_TRACKED_SOCKETS,
 };
 
 /// The LSM programs need a GPL-compatible license; the crate is MIT or GPL-2.0.
@@ -75,18 +75,16 @@ static REDIRECT_CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
 #[map]
 static GUARDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_GUARDED_PORTS, 0);
 
-/// Each inet socket created in the subtree (its kernel address: the one key
-/// every hook, the kprobe included, can read) → the tenant cgroup it counts
+/// Each inet socket created in the subtree (its kernel address: a key every
+/// hook, the LSM ones included, can read) → the tenant cgroup it counts
 /// against. Filled by `sock_create`, emptied on release. Not an LRU: a full
-/// map refuses new sockets rather than forgetting live ones. Pinned, so that a
-/// restarted daemon still knows the sockets created before it.
+/// map refuses new sockets rather than forgetting live ones; allocated as used
+/// (`BPF_F_NO_PREALLOC`), sized far past every tenant's cap together. Pinned,
+/// so that a restarted daemon still knows the sockets created before it.
 #[map]
-static SANDBOX_SOCKETS: HashMap<u64, u64> = HashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+static SANDBOX_SOCKETS: HashMap<u64, u64> = HashMap::pinned(MAX_SANDBOX_SOCKETS, BPF_F_NO_PREALLOC);
 
-/// Inet sockets from outside the subtree that a sandboxed task sent on (kernel
-/// address): every packet of theirs is dropped until they are released.
-#[map]
-static TAINTED_SOCKETS: HashMap<u64, u8> = HashMap::pinned(MAX_TAINTED_SOCKETS, 0);
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Tenant cgroup (the subtree root's child) → how many inet sockets its
 /// sandboxes hold, against `RedirectConfig::sockets_per_tenant`. Pinned with
@@ -332,7 +330,7 @@ fn redirect6(ctx: &SockAddrContext, sendmsg: bool) -> i32 {
 }
 
 /// No socket in the subtree may take one of the daemon's ports (relay, DNS,
-/// dispatch `listen`, metrics), on any address: while the daemon is down (its
+/// each dispatch `listen`), on any address: while the daemon is down (its
 /// programs and maps stay), a sandbox bound there would keep the restarted
 /// daemon from listening, and receive the connections meant for it.
 #[inline(always)]
@@ -341,21 +339,26 @@ fn guarded_port(port: u16) -> bool {
     port != 0 && unsafe { GUARDED_PORTS.get(&port) }.is_some()
 }
 
-/// No inbound: a sandbox binds no TCP socket (a listener needs one: what
-/// `listen()` binds by itself gets nothing, the backstop drops what comes from
-/// outside), and no socket on a daemon port.
+/// No inbound, and no squatting: a sandbox binds no TCP socket (a listener's
+/// first step; what `listen()` binds by itself hears nothing, the backstop
+/// drops what comes from outside) and no UDP socket to a port of its choosing
+/// (it would take a host service's datagrams with `SO_REUSEADDR`); port 0, the
+/// kernel's pick, stays for UDP.
 #[inline(always)]
 fn guard_bind(ctx: &SockAddrContext) -> i32 {
     let (sock_type, _) = sock_type_protocol(ctx.sock_addr);
-    if sock_type == SOCK_STREAM || guarded_port(read_user_port(ctx.sock_addr)) {
+    if sock_type == SOCK_STREAM || read_user_port(ctx.sock_addr) != 0 {
         REFUSE
     } else {
         ALLOW
     }
 }
 
-/// The same for a port the kernel picked itself (`bind` to port 0, `listen` or
-/// `connect` without `bind`): the bind hooks never see those.
+/// A daemon port the kernel picked on `bind` to port 0 (with
+/// `IP_LOCAL_PORT_RANGE` narrowed to it). The kernel runs this hook only from
+/// `bind`: a port picked by `listen`, `connect` or `sendto` without `bind` is
+/// not seen (keep the daemon's ports out of `ip_local_port_range`; `check`
+/// warns).
 #[inline(always)]
 fn guard_bound(ctx: &SockContext) -> i32 {
     // SAFETY: `ctx.sock` is the program's context; `src_port` is in host order.
@@ -550,11 +553,10 @@ pub fn icpt_release(ctx: SockContext) -> i32 {
     1
 }
 
-/// Counts a new inet socket against its tenant; `false` past the tenant's
-/// `sockets_per_tenant` (one tenant cannot take every ephemeral port).
+/// Counts a new inet socket against its tenant; `false` past `limit` (one
+/// tenant cannot take every ephemeral port); 0 is no limit.
 #[inline(always)]
-fn charge_tenant(tenant: u64) -> bool {
-    let limit = config().map_or(0, |cfg| cfg.sockets_per_tenant);
+fn charge_tenant(tenant: u64, limit: u32) -> bool {
     if TENANT_SOCKETS.get_ptr_mut(&tenant).is_none() {
         // BPF_NOEXIST: another CPU may have added it meanwhile.
         let _ = TENANT_SOCKETS.insert(&tenant, &0, 1);
@@ -604,7 +606,15 @@ pub fn icpt_sockcreate(ctx: SockContext) -> i32 {
     let sk = ctx.sock as u64;
     // SAFETY: a plain helper call valid in cgroup sock programs.
     let tenant = unsafe { bpf_get_current_ancestor_cgroup_id(cfg.subtree_level as i32 + 1) };
-    if !charge_tenant(tenant) {
+    // A socket address still recorded is one released without the release
+    // hook (another program refused its creation): give its charge back.
+    // SAFETY: the value is copied out at once.
+    if let Some(stale) = unsafe { SANDBOX_SOCKETS.get(&sk) }.copied() {
+        if let Some(held) = TENANT_SOCKETS.get_ptr_mut(&stale) {
+            add(held, -1);
+        }
+    }
+    if !charge_tenant(tenant, cfg.sockets_per_tenant) {
         count(Counter::CallsRefused);
         return REFUSE;
     }

@@ -3,8 +3,7 @@
 
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
 
-const ALLOW: i32 = 1;
-const REFUSE: i32 = 0;
+use crate::{ALLOW, REFUSE};
 
 const SOL_IP: i32 = 0;
 const SOL_SOCKET: i32 = 1;

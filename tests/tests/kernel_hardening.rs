@@ -184,7 +184,9 @@ attempt('other_udp', lambda: listen(socket.AF_INET, ('127.0.0.1', 0), socket.SOC
 }
 
 /// A socket made outside the sandbox and handed in cannot be used past the
-/// relay, and no socket option sends a packet around the rewrite; `status`
+/// relay: one passed over a Unix socket (`SCM_RIGHTS`) is refused when the
+/// sandbox connects it, and `exec` runs nothing with a network socket for its
+/// standard input. No socket option sends a packet around the rewrite; `status`
 /// counts what was refused. The sandbox's own connections still go through.
 #[test]
 fn sockets_handed_in_and_routing_options_never_get_past_the_relay() {
@@ -196,15 +198,29 @@ fn sockets_handed_in_and_routing_options_never_get_past_the_relay() {
     let port = outside.addr.port();
     let api = Upstream::start("127.0.0.3:0");
 
-    // An unconnected TCP socket of the test's own, as the sandbox's stdin.
-    // SAFETY: plain socket(2); the descriptor is owned here alone.
-    let handed_in =
-        unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0)) };
-    assert!(handed_in.as_raw_fd() >= 0);
+    // exec refuses a network socket on its standard input, and runs nothing.
+    let refused = d
+        .exec_command("acme", &[], &["sh", "-c", "echo ran"])
+        .stdin(Stdio::from(outside_tcp_socket()))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("standard input is a socket"),
+        "{}",
+        text(&refused)
+    );
+    assert!(!stdout(&refused).contains("ran"));
+
+    // A Unix socket (allowed) over which the test hands in a TCP socket of its own.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let script = format!(
         "{ATTEMPT}
-passed = socket.socket(fileno=0)
+channel = socket.socket(fileno=0)
+_, fds, _, _ = socket.recv_fds(channel, 16, 1)
+passed = socket.socket(fileno=fds[0])
 attempt('passed_connect', lambda: passed.connect(('127.0.0.9', {port})))
+attempt('passed_sendto', lambda: passed.sendto(b'x', ('127.0.0.9', {port})))
 srh = bytes([17, 2, 4, 0, 0, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, '::1')
 attempt('rthdr', lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).setsockopt(socket.IPPROTO_IPV6, 57, srh))
 attempt('ip_options', lambda: socket.socket().setsockopt(socket.IPPROTO_IP, 4, bytes([1, 1, 1, 0])))
@@ -214,13 +230,32 @@ print('own=' + urllib.request.urlopen('http://svc.test:{api}/own', timeout=10).r
 ",
         api = api.port()
     );
-    let out = d
+    let sandbox = d
         .exec_command("acme", &[], &["python3", "-c", &script])
-        .stdin(Stdio::from(handed_in))
-        .output()
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let handed_in = outside_tcp_socket();
+    let fds = [handed_in.as_raw_fd()];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    nix::sys::socket::sendmsg::<()>(
+        ours.as_raw_fd(),
+        &[std::io::IoSlice::new(b"fd")],
+        &cmsg,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    let out = sandbox.wait_with_output().unwrap();
     let text = text(&out);
     expect(&text, "passed_connect", "EPERM");
+    assert_ne!(
+        key_values(&text).get("passed_sendto").map(String::as_str),
+        Some("ok"),
+        "{text}"
+    );
     expect(&text, "rthdr", "EPERM");
     expect(&text, "ip_options", "EPERM");
     assert_ne!(
@@ -238,6 +273,15 @@ print('own=' + urllib.request.urlopen('http://svc.test:{api}/own', timeout=10).r
         status["enforcement"]["calls_refused"].as_u64().unwrap() >= 3,
         "{status:#}"
     );
+}
+
+/// An unconnected TCP socket of the test's own (outside every sandbox).
+fn outside_tcp_socket() -> OwnedFd {
+    // SAFETY: plain socket(2); the descriptor is owned here alone.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: just created, owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 /// One tenant's sandboxes together hold no more inet sockets than

@@ -29,6 +29,7 @@ pub fn run(
     params: Vec<(String, String)>,
     command: Vec<OsString>,
 ) -> Result<i32, CliError> {
+    refuse_inherited_sockets()?;
     let params: BTreeMap<String, String> = params.into_iter().collect();
     let reply = admin::call(
         admin_socket,
@@ -59,6 +60,50 @@ pub fn run(
         tracing::debug!("closing the sandbox: {e}");
     }
     result
+}
+
+/// The command inherits descriptors 0 to 2 (every other is closed). A socket
+/// among them other than a Unix one was made outside the subtree: no hook
+/// follows it, so a sandbox holding one (an inetd- or systemd-style socket on
+/// standard input, a shell's `/dev/tcp`) would talk past the relay.
+fn refuse_inherited_sockets() -> Result<(), CliError> {
+    for (fd, name) in [
+        (0, "standard input"),
+        (1, "standard output"),
+        (2, "standard error"),
+    ] {
+        let Some(family) = socket_family(fd) else {
+            continue;
+        };
+        if family != libc::AF_UNIX {
+            return Err(CliError::usage(format!(
+                "{name} is a socket of address family {family}, not a Unix socket: \
+                 a sandbox may hold no network socket from outside it (use a pipe or a file)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The address family of the socket open as `fd`; `None` for anything else.
+fn socket_family(fd: libc::c_int) -> Option<libc::c_int> {
+    // SAFETY: fstat and getsockopt on a descriptor number, into locals sized for them.
+    unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut stat) != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return None;
+        }
+        let mut family: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let got = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut family as *mut libc::c_int).cast(),
+            &mut len,
+        );
+        Some(if got == 0 { family } else { -1 })
+    }
 }
 
 fn spawn_and_wait(

@@ -9,8 +9,9 @@
 //! programs in atomically over the old ones (`BPF_F_REPLACE`), recognising
 //! them by name (every program is called `icpt_*`).
 //!
-//! The BPF LSM programs, which judge by the current *task* (whatever socket it
-//! uses), attach through links instead; those are pinned on a bpffs (see
+//! The task-keyed programs (at the cgroup root, and BPF LSM programs where the
+//! kernel takes them), which judge by the calling *task* whatever socket it
+//! uses, attach through links instead; those are pinned on a bpffs (see
 //! `pins`) so that they too stay when the daemon dies.
 
 mod cgroup;
@@ -131,13 +132,6 @@ pub enum EbpfError {
         #[source]
         source: ProgramError,
     },
-    #[error("cannot attach eBPF program `{program}` to tracepoint {function}: {source}")]
-    AttachProbe {
-        program: &'static str,
-        function: &'static str,
-        #[source]
-        source: ProgramError,
-    },
     #[error("bpffs pin {}: {source}", path.display())]
     Pin {
         path: PathBuf,
@@ -242,9 +236,6 @@ impl AttachType {
             Self::Sendmsg6 => "root/sendmsg6",
             Self::Connect4 => "root/connect4",
             Self::Connect6 => "root/connect6",
-            Self::SockRelease => "root/sock_release",
-            Self::InetEgress => "root/egress",
-            Self::InetIngress => "root/ingress",
             _ => "root",
         }
     }
@@ -281,8 +272,9 @@ const fn spec(name: &'static str, attach_type: AttachType) -> ProgramSpec {
 /// backstop, the redirects last, so a redirected connection always finds the
 /// hand-off and restore programs in place.
 const PROGRAMS: &[ProgramSpec] = &[
-    spec("icpt_sockcreate", AttachType::SockCreate),
+    // Release before create: no socket is counted that is never given back.
     spec("icpt_release", AttachType::SockRelease),
+    spec("icpt_sockcreate", AttachType::SockCreate),
     spec("icpt_sockops", AttachType::SockOps),
     spec("icpt_recvmsg4", AttachType::Recvmsg4),
     spec("icpt_recvmsg6", AttachType::Recvmsg6),
@@ -311,14 +303,7 @@ const ROOT_PROGRAMS: &[ProgramSpec] = &[
     spec("icpt_t_send6", AttachType::Sendmsg6),
     spec("icpt_t_conn4", AttachType::Connect4),
     spec("icpt_t_conn6", AttachType::Connect6),
-    spec("icpt_t_release", AttachType::SockRelease),
-    spec("icpt_t_egress", AttachType::InetEgress),
-    spec("icpt_t_ingress", AttachType::InetIngress),
 ];
-
-/// The raw tracepoint that taints a TCP socket from outside that a sandboxed
-/// task sends on (the root `cgroup_skb` programs then drop its packets).
-const TAINT_PROBE: (&str, &str) = ("icpt_tp_tcpsend", "tcp_sendmsg_locked");
 
 /// One BPF LSM program and its hook.
 struct LsmSpec {
@@ -424,22 +409,19 @@ impl Enforcement {
             })?;
         }
 
-        {
-            let (name, _) = TAINT_PROBE;
-            let Some(Program::RawTracePoint(probe)) = ebpf.program_mut(name) else {
-                return Err(EbpfError::MissingProgram(name));
-            };
-            probe
-                .load()
-                .map_err(|source| EbpfError::Program { name, source })?;
-        }
-
         let lsm = match pins::bpf_lsm_active() {
             Ok(true) => match load_lsm(&mut ebpf) {
                 Ok(()) => LsmState::Active,
                 // Some kernels (these CI machines among them) refuse every
-                // BTF-attached program to root too: the cgroup programs stand.
-                Err(e) => LsmState::Inactive(format!("the kernel refused them ({e})")),
+                // BTF-attached program, to root too (EPERM before the verifier):
+                // the cgroup programs stand. Anything else is a fault of ours.
+                Err(EbpfError::Program {
+                    source: ProgramError::LoadError { io_error, .. },
+                    ..
+                }) if io_error.raw_os_error() == Some(libc::EPERM) => LsmState::Inactive(
+                    "the kernel refuses BTF-attached programs (EPERM at load)".into(),
+                ),
+                Err(e) => return Err(e),
             },
             Ok(false) => LsmState::Inactive(
                 "the BPF LSM is not active on this kernel (`bpf` is missing from \
@@ -475,8 +457,8 @@ impl Enforcement {
         Ok(enforcement)
     }
 
-    /// Refuses these ports (the daemon's other listeners: dispatch `listen`,
-    /// metrics) to every bind in the subtree, as the relay's and DNS's are.
+    /// Refuses these ports (the daemon's other listeners: each dispatch
+    /// `listen`) to every bind in the subtree, as the relay's and DNS's are.
     pub fn guard_ports(&mut self, ports: impl IntoIterator<Item = u16>) -> Result<(), EbpfError> {
         let map = self
             .ebpf
@@ -554,42 +536,21 @@ impl Enforcement {
         let root = open_cgroup(&root_dir)?;
         for spec in ROOT_PROGRAMS {
             let (prog_fd, our_id) = self.loaded(spec.name)?;
-            if pins::pinned_program(&self.pin_dir, spec.name) == Some(our_id) {
-                continue;
-            }
-            let link = sys::link_create(prog_fd.as_fd(), root.as_fd(), spec.attach_type as u32)
-                .map_err(|source| EbpfError::Attach {
-                    program: spec.name,
-                    attach_type: spec.attach_type.name(),
-                    cgroup: root_dir.clone(),
+            pins::attach_pinned(&self.pin_dir, spec.name, our_id, |path| {
+                let link = sys::link_create(prog_fd, root.as_fd(), spec.attach_type as u32)
+                    .map_err(|source| EbpfError::Attach {
+                        program: spec.name,
+                        attach_type: spec.attach_type.name(),
+                        cgroup: root_dir.clone(),
+                        source,
+                    })?;
+                sys::obj_pin(link.as_fd(), path).map_err(|source| EbpfError::Pin {
+                    path: path.to_path_buf(),
                     source,
-                })?;
-            pins::replace_pin(&self.pin_dir, spec.name, |path| {
-                sys::obj_pin(link.as_fd(), path)
+                })
             })?;
         }
-        self.attach_taint_probe()
-    }
-
-    fn attach_taint_probe(&mut self) -> Result<(), EbpfError> {
-        let (name, function) = TAINT_PROBE;
-        let Some(Program::RawTracePoint(probe)) = self.ebpf.program_mut(name) else {
-            return Err(EbpfError::MissingProgram(name));
-        };
-        let attach_error = |source| EbpfError::AttachProbe {
-            program: name,
-            function,
-            source,
-        };
-        let our_id = probe.info().map_err(attach_error)?.id();
-        if pins::pinned_program(&self.pin_dir, name) == Some(our_id) {
-            return Ok(());
-        }
-        let link = probe.attach(function).map_err(attach_error)?;
-        let link = aya::programs::links::FdLink::from(probe.take_link(link).map_err(attach_error)?);
-        pins::replace_pin(&self.pin_dir, name, |path| {
-            link.pin(path).map(drop).map_err(io::Error::other)
-        })
+        Ok(())
     }
 
     fn attach_lsm(&mut self) -> Result<(), EbpfError> {
@@ -603,14 +564,15 @@ impl Enforcement {
                 source,
             };
             let our_id = program.info().map_err(attach_error)?.id();
-            if pins::pinned_program(&self.pin_dir, spec.name) == Some(our_id) {
-                continue;
-            }
-            let link = program.attach().map_err(attach_error)?;
-            let link = program.take_link(link).map_err(attach_error)?;
-            let link = aya::programs::links::FdLink::from(link);
-            pins::replace_pin(&self.pin_dir, spec.name, |path| {
-                link.pin(path).map(drop).map_err(io::Error::other)
+            pins::attach_pinned(&self.pin_dir, spec.name, our_id, |path| {
+                let link = program.attach().map_err(attach_error)?;
+                let link = aya::programs::links::FdLink::from(
+                    program.take_link(link).map_err(attach_error)?,
+                );
+                link.pin(path).map(drop).map_err(|e| EbpfError::Pin {
+                    path: path.to_path_buf(),
+                    source: io::Error::other(e),
+                })
             })?;
         }
         Ok(())
@@ -717,7 +679,8 @@ pub struct EnforcementCounts {
     pub egress_dropped: u64,
     /// Packets for a sandbox's socket from anything but the relay or DNS listener.
     pub ingress_dropped: u64,
-    /// Socket calls of sandboxed tasks the LSM programs refused.
+    /// Socket calls of sandboxed tasks refused: a socket from outside, a
+    /// routing option, the per-tenant socket cap, an LSM hook.
     pub calls_refused: u64,
 }
 
@@ -781,7 +744,6 @@ pub fn attached_programs(cgroup_dir: &Path) -> Result<Vec<AttachedProgram>, Ebpf
     let pinned = ROOT_PROGRAMS
         .iter()
         .map(|spec| (spec.name, spec.attach_type.root_name()))
-        .chain([(TAINT_PROBE.0, "root/tcp_sendmsg_locked")])
         .chain(
             LSM_PROGRAMS
                 .iter()
@@ -862,7 +824,6 @@ pub fn detach_all(cgroup_dir: &Path) -> Result<usize, EbpfError> {
     let pin_dir = pins::existing_subtree_dir(&cgroup2_mount()?, cgroup_dir);
     let pinned = ROOT_PROGRAMS.iter().map(|spec| spec.name);
     detached += pinned
-        .chain([TAINT_PROBE.0])
         .chain(LSM_PROGRAMS.iter().map(|spec| spec.name))
         .filter(|name| pins::pinned_program(&pin_dir, name).is_some())
         .count();
@@ -961,7 +922,6 @@ mod tests {
             .iter()
             .chain(ROOT_PROGRAMS)
             .map(|spec| spec.name)
-            .chain([TAINT_PROBE.0])
             .chain(LSM_PROGRAMS.iter().map(|spec| spec.name))
             .collect()
     }
@@ -995,7 +955,6 @@ mod tests {
             maps::REDIRECT_CONFIG,
             maps::GUARDED_PORTS,
             maps::SANDBOX_SOCKETS,
-            maps::TAINTED_SOCKETS,
             maps::TENANT_SOCKETS,
             maps::COUNTERS,
         ] {

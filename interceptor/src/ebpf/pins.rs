@@ -1,8 +1,9 @@
 //! What must outlive the daemon lives on a bpffs, one directory per subtree:
-//! the links of the LSM programs (a link is detached when its last reference
-//! goes, and the daemon's descriptors go when it dies: the pin is that last
-//! reference) and the map of the sockets sandboxed tasks created (a restarted
-//! daemon must still know them, or their own sockets would look passed in).
+//! the links of the task-keyed programs at the cgroup root and of the LSM
+//! programs (a link is detached when its last reference goes, and the daemon's
+//! descriptors go when it dies: the pin is that last reference), the map of
+//! the sockets created in the subtree (a restarted daemon must still know
+//! them, or they would look passed in) and the per-tenant socket counts.
 //!
 //! `/sys/fs/bpf/interceptor/<subtree>/`, where `<subtree>` is the cgroup's path
 //! below the cgroup v2 mount with `%` and `/` percent-encoded.
@@ -76,20 +77,25 @@ pub(crate) fn remove_subtree(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Pins a new link at `dir/name` in place of what was pinned there: the new
-/// link is attached (held by its descriptor) before the old pin goes, so the
-/// hook is never without one.
-pub(crate) fn replace_pin(
+/// Attaches program `our_id` through a link pinned at `dir/name`, in place of
+/// what was pinned there; nothing when it is pinned there already. `attach`
+/// makes the link and pins it at the path it is given; the new pin then takes
+/// the old one's name in one rename, so the hook is never without a link.
+pub(crate) fn attach_pinned(
     dir: &Path,
     name: &str,
-    pin: impl FnOnce(&Path) -> io::Result<()>,
+    our_id: u32,
+    attach: impl FnOnce(&Path) -> Result<(), EbpfError>,
 ) -> Result<(), EbpfError> {
-    let path = dir.join(name);
-    match fs::remove_file(&path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(pin_error(&path, e)),
-        _ => {}
+    if pinned_program(dir, name) == Some(our_id) {
+        return Ok(());
     }
-    pin(&path).map_err(|e| pin_error(&path, e))
+    let path = dir.join(name);
+    // bpffs takes no '.' in a name.
+    let staged = dir.join(format!("{name}_new"));
+    let _ = fs::remove_file(&staged);
+    attach(&staged)?;
+    fs::rename(&staged, &path).map_err(|e| pin_error(&path, e))
 }
 
 /// The id of the program behind the link pinned at `dir/name`, if any.
