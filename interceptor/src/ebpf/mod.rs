@@ -39,6 +39,9 @@ use interceptor_common::{
     maps, ClientSocket, Counter, RedirectConfig, MAX_GUARDED_PORTS, PROGRAM_PREFIX,
 };
 
+/// The id of the cgroup v2 hierarchy's root.
+const ROOT_CGROUP_ID: u64 = 1;
+
 /// The eBPF object built by `build.rs` from `interceptor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor.bpf.o"));
 
@@ -138,6 +141,12 @@ pub enum EbpfError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "the cgroup v2 mount {} is not the hierarchy's root (a cgroup namespace?): \
+         interceptor must run where it sees the host's cgroup root",
+        .0.display()
+    )]
+    NotHierarchyRoot(PathBuf),
     #[error("more than {MAX_GUARDED_PORTS} daemon ports to guard")]
     TooManyPorts,
 }
@@ -374,6 +383,16 @@ impl Enforcement {
     pub fn load(targets: &RedirectTargets, subtree: &Path) -> Result<Self, EbpfError> {
         let mut config_value = targets.config()?;
         let cgroup_mount = cgroup2_mount()?;
+        // The kernel numbers ancestor levels, and the task-keyed programs
+        // attach, from the hierarchy's real root (id 1): a mount of anything
+        // else (in a cgroup namespace) would make them judge nobody.
+        let mount_id = cgroup_id(&cgroup_mount).map_err(|source| EbpfError::OpenCgroup {
+            path: cgroup_mount.clone(),
+            source,
+        })?;
+        if mount_id != ROOT_CGROUP_ID {
+            return Err(EbpfError::NotHierarchyRoot(cgroup_mount));
+        }
         config_value.subtree_cgroup_id =
             cgroup_id(subtree).map_err(|source| EbpfError::OpenCgroup {
                 path: subtree.to_path_buf(),
