@@ -396,10 +396,22 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    // SIGHUP (the unit's ExecReload) must not end the daemon, as by default it would.
+    let mut hangup = signal(SignalKind::hangup())?;
+    // Under systemd (Type=notify): the programs are attached and every listener serves.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell the service manager we are ready: {e}");
     }
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hangup.recv() => tracing::warn!(
+                "SIGHUP: reloading the configuration is not built yet; restart the daemon to apply a new one"
+            ),
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: finishing in-flight requests");
     shutdown.cancel();
     tracker.close();
