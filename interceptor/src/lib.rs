@@ -23,4 +23,5 @@ pub mod relay;
 pub mod resolve;
 pub mod sandbox;
 pub mod tenants;
+pub mod wasm;
 pub mod worker;

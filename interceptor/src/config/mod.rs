@@ -26,6 +26,8 @@ pub const DEFAULT_DNS: &str = "127.0.0.1:15053";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/interceptor/admin.sock";
 /// Default `[interceptor].log_dir`.
 pub const DEFAULT_LOG_DIR: &str = "/var/log/interceptor";
+/// Default `[interceptor].state_dir` (the compile cache is its `compiled/`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/interceptor";
 /// Default `[interceptor].cgroup`.
 pub const DEFAULT_CGROUP: &str = "interceptor";
 /// Default `[interceptor].sandbox_user`.
@@ -219,6 +221,9 @@ pub struct InterceptorConfig {
     pub dns: SocketAddrV4,
     pub admin_socket: PathBuf,
     pub log_dir: PathBuf,
+    /// `state_dir`: state kept across restarts; the compile cache of Worker
+    /// components is `<state_dir>/compiled/`.
+    pub state_dir: PathBuf,
     /// Path of the subtree below the cgroup2 mount, without leading `/` (e.g. `interceptor`).
     pub cgroup: String,
     pub sandbox_user: String,
@@ -251,6 +256,7 @@ impl Default for InterceptorConfig {
             dns: DEFAULT_DNS.parse().expect("valid default"),
             admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
             log_dir: PathBuf::from(DEFAULT_LOG_DIR),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             cgroup: DEFAULT_CGROUP.to_string(),
             sandbox_user: DEFAULT_SANDBOX_USER.to_string(),
             upstream_ca: Vec::new(),

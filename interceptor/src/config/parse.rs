@@ -40,6 +40,7 @@ const INTERCEPTOR_KEYS: &[&str] = &[
     "dns",
     "admin_socket",
     "log_dir",
+    "state_dir",
     "cgroup",
     "sandbox_user",
     "upstream_ca",
@@ -597,6 +598,18 @@ fn interceptor(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> InterceptorConfig {
     if let Some(f) = t.get("log_dir") {
         if let Some(p) = ctx.path(&f) {
             c.log_dir = p;
+        }
+    }
+    if let Some(f) = t.get("state_dir") {
+        if let Some(p) = ctx.path(&f) {
+            // Created at start if missing; something else in its place is an error now.
+            match std::fs::metadata(&p) {
+                Ok(meta) if !meta.is_dir() => ctx.error(
+                    f.span(),
+                    format!("`state_dir`: {} is not a directory", p.display()),
+                ),
+                _ => c.state_dir = p,
+            }
         }
     }
     if let Some(f) = t.get("cgroup") {

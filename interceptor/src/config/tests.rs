@@ -161,6 +161,44 @@ fn extra_interceptor_keys() {
 }
 
 #[test]
+fn state_dir_defaults_and_is_relative_to_the_config_file() {
+    assert_eq!(
+        ok("").interceptor.state_dir,
+        Path::new(DEFAULT_STATE_DIR),
+        "default"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let c = parse("[interceptor]\nstate_dir = \"state\"\n", &path).unwrap();
+    assert_eq!(c.interceptor.state_dir, dir.path().join("state"));
+    let c = parse("[interceptor]\nstate_dir = \"/srv/i\"\n", &path).unwrap();
+    assert_eq!(c.interceptor.state_dir, Path::new("/srv/i"));
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    let errs = parse("[interceptor]\nstate_dir = \"\"\n", &path)
+        .unwrap_err()
+        .lines();
+    assert!(
+        errs[0].contains("c.toml:2:13: `state_dir` must not be empty"),
+        "{errs:?}"
+    );
+    let errs = parse("[interceptor]\nstate_dir = \"file\"\n", &path)
+        .unwrap_err()
+        .lines();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("c.toml:2:13: `state_dir`: ") && errs[0].ends_with("is not a directory"),
+        "{errs:?}"
+    );
+    let errs = parse("[interceptor]\nstate_dir = 1\n", &path)
+        .unwrap_err()
+        .lines();
+    assert!(
+        errs[0].contains(":2:13: `state_dir` must be a string"),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn syntax_error_position() {
     let errs = errors("[interceptor]\nrelay = \"127.0.0.1:15001\"\ndns = \n");
     assert_eq!(errs.len(), 1, "{errs:?}");

@@ -1,7 +1,9 @@
 //! User Worker files and their compiled form: a cheap identity of the file
 //! checked on every request, and precompiled components cached in memory by the
 //! SHA-256 of the `.wasm`, each held in a sealed memfd that Worker processes get
-//! a read-only descriptor of.
+//! a read-only descriptor of. Below the memory cache is the on-disk one
+//! ([`crate::wasm::cache`]): a component compiled by an earlier daemon is
+//! loaded from there instead of compiled again ([`load_or_compile`]).
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -14,6 +16,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
+
+use crate::wasm::cache::CompileCache;
 
 /// Compiled components kept while no Worker uses them (a file switched back and
 /// forth is not compiled again).
@@ -78,6 +82,40 @@ pub fn read_worker_file(path: &Path) -> io::Result<(FileStamp, Vec<u8>)> {
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.read_to_end(&mut bytes)?;
     Ok((FileStamp::of(&meta), bytes))
+}
+
+/// Where a component's compiled form came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Loaded from the on-disk compile cache.
+    DiskCache,
+    /// Compiled now (and stored in the on-disk cache, if there is one).
+    Compiled,
+}
+
+/// The sealed, precompiled form of `wasm` (whose hash is `hash`): from the
+/// on-disk cache if it has a sound entry, else compiled and stored there. A
+/// cache that cannot store is logged; the component still runs.
+pub fn load_or_compile(
+    engine: &wasmtime::Engine,
+    disk: Option<&CompileCache>,
+    hash: ContentHash,
+    wasm: &[u8],
+) -> Result<(Artifact, Origin), String> {
+    let seal = |compiled: &[u8]| {
+        Artifact::seal(hash, compiled).map_err(|e| format!("cannot store the compiled Worker: {e}"))
+    };
+    if let Some(compiled) = disk.and_then(|d| d.load(&hash.0)) {
+        return Ok((seal(&compiled)?, Origin::DiskCache));
+    }
+    let compiled = crate::worker::precompile(engine, wasm)
+        .map_err(|e| format!("Worker compile error: {e}"))?;
+    if let Some(disk) = disk {
+        if let Err(e) = disk.store(&hash.0, &compiled) {
+            tracing::warn!("{e}; the component is compiled again after a restart");
+        }
+    }
+    Ok((seal(&compiled)?, Origin::Compiled))
 }
 
 /// A precompiled component in a sealed memfd.

@@ -7,7 +7,8 @@
 //! private socketpair and adds the signed request context
 //! ([`crate::context`]) that carries the outbound parameters. The file's
 //! identity is checked on every request ([`artifact::FileStamp`]): a changed
-//! file is hashed, compiled once per content hash (cached in memory) and served
+//! file is hashed, compiled once per content hash (cached in memory, and on
+//! disk across restarts: [`crate::wasm::cache`]) and served
 //! by a new process, the old one retired after its in-flight requests; a
 //! removed file gives 404 and retires the process. A process that dies is
 //! restarted on the next request, with a backoff while it keeps dying.
@@ -50,6 +51,7 @@ use crate::config::{Config, DispatchNamespace, SandboxLimits};
 use crate::context::{ContextKey, RequestContext, CONTEXT_HEADER};
 use crate::policy::{OutboundPolicy, Params};
 use crate::tenants::{SandboxRegistry, WorkerId};
+use crate::wasm::cache::CompileCache;
 use artifact::{read_worker_file, Artifact, ArtifactCache, ContentHash, FileStamp};
 use process::{Lease, Process, SpawnSpec};
 
@@ -107,6 +109,9 @@ pub struct WorkerStatus {
 struct Shared {
     engine: wasmtime::Engine,
     cache: ArtifactCache,
+    /// Compiled components kept across restarts; `None` if the state
+    /// directory cannot be used (then every start compiles).
+    disk: Option<CompileCache>,
     key: Arc<ContextKey>,
     sandboxes: Arc<SandboxRegistry>,
     /// The rlimits of every Worker process.
@@ -145,10 +150,18 @@ impl Dispatchers {
             });
         }
         let engine = crate::worker::engine().map_err(|e| DispatchError::Engine(e.to_string()))?;
+        let disk = match CompileCache::open(&config.interceptor.state_dir, &engine) {
+            Ok(disk) => Some(disk),
+            Err(e) => {
+                tracing::warn!("{e}; Worker components are compiled again at every start");
+                None
+            }
+        };
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(SELF_EXE));
         let shared = Arc::new(Shared {
             engine,
             cache: ArtifactCache::default(),
+            disk,
             key,
             sandboxes: sandboxes.clone(),
             limits,
@@ -860,23 +873,24 @@ impl Namespace {
         hash: ContentHash,
         bytes: Vec<u8>,
     ) -> Result<Arc<Artifact>, String> {
-        let engine = self.shared.engine.clone();
+        let shared = self.shared.clone();
         let started = Instant::now();
-        let sealed = tokio::task::spawn_blocking(move || {
-            let compiled = crate::worker::precompile(&engine, &bytes)
-                .map_err(|e| format!("Worker compile error: {e}"))?;
-            Artifact::seal(hash, &compiled)
-                .map_err(|e| format!("cannot store the compiled Worker: {e}"))
+        let (sealed, origin) = tokio::task::spawn_blocking(move || {
+            artifact::load_or_compile(&shared.engine, shared.disk.as_ref(), hash, &bytes)
         })
         .await
         .map_err(|e| format!("Worker compile error: {e}"))??;
-        tracing::info!(
-            namespace = %self.config.namespace,
-            component = %hash.short(),
-            bytes = sealed.size,
-            ms = started.elapsed().as_millis() as u64,
-            "compiled Worker component"
-        );
+        let ms = started.elapsed().as_millis() as u64;
+        let namespace = &self.config.namespace;
+        let component = hash.short();
+        match origin {
+            artifact::Origin::DiskCache => {
+                tracing::debug!(%namespace, %component, bytes = sealed.size, ms, "loaded precompiled component from cache")
+            }
+            artifact::Origin::Compiled => {
+                tracing::info!(%namespace, %component, bytes = sealed.size, ms, "compiled Worker component")
+            }
+        }
         Ok(self.shared.cache.insert(sealed))
     }
 
