@@ -23,6 +23,7 @@ use crate::dispatch::Dispatchers;
 use crate::dns::{self, DnsContext};
 use crate::ebpf::{self, Enforcement, RedirectTargets};
 use crate::logs::LogWriter;
+use crate::metrics::{Gauges, Metrics};
 use crate::policy::OutboundPolicy;
 use crate::record::Recorder;
 use crate::relay::{self, LocalAddresses, RelayContext, UpstreamPool};
@@ -248,21 +249,35 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let metrics_listener = settings
+        .metrics
+        .map(|addr| {
+            let listener = listen_tcp("metrics", addr, 1)?.remove(0);
+            TcpListener::from_std(listener).map_err(|source| DaemonError::Listen {
+                what: "metrics",
+                addr,
+                source,
+            })
+        })
+        .transpose()?;
 
     // After the listeners: the same config started twice names its port in use.
     let _serving = hold_subtree(&root)?;
     let uids = sandbox_uids(&config, (user.uid.as_raw(), user.gid.as_raw()))?;
     let sandboxes = Arc::new(SandboxRegistry::create(root.clone(), tenants, uids)?);
-    let recorder = Recorder::new(LogWriter::open(
-        &settings.log_dir,
-        settings.log_max_bytes,
-        settings.log_keep,
-    )?);
+    let metrics = settings.metrics.map(|_| Arc::new(Metrics::new()));
+    let recorder = Recorder::with_metrics(
+        LogWriter::open(&settings.log_dir, settings.log_max_bytes, settings.log_keep)?,
+        metrics.clone(),
+    );
     let resolver = Arc::new(Resolver::new(config.resolve.clone()));
     // The dispatchers too: a Worker calling a dispatcher would start a fresh
     // request (with a fresh subrequest budget) from inside one.
     let mut own_listeners = vec![relay_v4, relay_v6, dns_v4, dns_v6];
     own_listeners.extend(&dispatch_addrs);
+    // And the metrics listener: a sandbox with loopback in `allow_cidrs` still
+    // must not read every tenant's counters.
+    own_listeners.extend(settings.metrics);
     let local = LocalAddresses {
         listeners: own_listeners,
     };
@@ -279,7 +294,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
 
     // Last of the fallible steps: from here on, the subtree is enforced.
     let mut enforcement = Enforcement::load(&targets, &root)?;
-    enforcement.guard_ports(dispatch_addrs.iter().map(SocketAddr::port))?;
+    enforcement.guard_ports(
+        dispatch_addrs
+            .iter()
+            .chain(&settings.metrics)
+            .map(SocketAddr::port),
+    )?;
     // A tenant holds no more inet sockets than one of its processes may hold
     // descriptors: all of them cannot take every ephemeral port.
     enforcement.limit_sockets_per_tenant(
@@ -329,6 +349,18 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         tokio::spawn(dns::serve(
             socket,
             dns_ctx.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    if let (Some(listener), Some(metrics)) = (metrics_listener, metrics) {
+        let (sandboxes, dispatchers) = (sandboxes.clone(), dispatchers.clone());
+        let gauges = Arc::new(move || metrics_gauges(&sandboxes, &dispatchers));
+        tracing::info!(metrics = %listener.local_addr()?, "metrics ready");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics,
+            gauges,
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -437,6 +469,26 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     drop(enforcement);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The gauges of `/metrics`, read as `status` reads them.
+fn metrics_gauges(sandboxes: &SandboxRegistry, dispatchers: &Dispatchers) -> Gauges {
+    let mut workers = sandboxes.worker_tenants();
+    // One entry per sandbox: a Worker's tenant is counted once.
+    workers.sort_by_key(|t| Arc::as_ptr(t));
+    workers.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    Gauges {
+        open_connections: sandboxes
+            .tenants()
+            .chain(&workers)
+            .map(|t| (t.id.0.clone(), t.open_connections() as u64))
+            .collect(),
+        worker_processes: dispatchers
+            .status()
+            .into_iter()
+            .map(|ns| (ns.namespace, ns.workers.len() as u64))
+            .collect(),
+    }
 }
 
 /// Which uid each sandbox runs as: `shared` (the sandbox user's) for all, or

@@ -17,6 +17,7 @@ pub mod dns;
 pub mod ebpf;
 pub mod headers;
 pub mod logs;
+pub mod metrics;
 pub mod policy;
 pub mod record;
 pub mod relay;

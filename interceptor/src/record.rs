@@ -1,5 +1,6 @@
-//! The last step of every subrequest: count it for `interceptor status` and, when
-//! the tenant's outbound Worker logs, append it to the tenant's log.
+//! The last step of every subrequest: count it for `interceptor status` and the
+//! metrics and, when the tenant's outbound Worker logs, append it to the
+//! tenant's log (one place, so that the three always agree).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -12,6 +13,7 @@ use std::task::{Context, Poll, Waker};
 use serde::{Deserialize, Serialize};
 
 use crate::logs::{LogEntry, LogWriter, Verdict};
+use crate::metrics::{Metrics, TenantMetrics};
 
 /// Per-tenant totals since the daemon started.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -27,13 +29,14 @@ pub struct TenantCounters {
 }
 
 /// [`TenantCounters`] that relay threads bump without a lock.
-#[derive(Default)]
 struct LiveCounters {
     allowed: AtomicU64,
     blocked: AtomicU64,
     errors: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
+    /// The tenant's series, when metrics are served.
+    metrics: Option<TenantMetrics>,
 }
 
 impl LiveCounters {
@@ -52,13 +55,20 @@ impl LiveCounters {
 pub struct Recorder {
     writer: LogWriter,
     counters: RwLock<HashMap<String, Arc<LiveCounters>>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Recorder {
     pub fn new(writer: LogWriter) -> Arc<Self> {
+        Self::with_metrics(writer, None)
+    }
+
+    /// A recorder that also counts into `metrics` (`[interceptor] metrics`).
+    pub fn with_metrics(writer: LogWriter, metrics: Option<Arc<Metrics>>) -> Arc<Self> {
         Arc::new(Recorder {
             writer,
             counters: RwLock::new(HashMap::new()),
+            metrics,
         })
     }
 
@@ -73,10 +83,20 @@ impl Recorder {
         .fetch_add(1, Relaxed);
         c.bytes_sent.fetch_add(entry.bytes_sent, Relaxed);
         c.bytes_received.fetch_add(entry.bytes_received, Relaxed);
+        if let (Some(metrics), Some(series)) = (&self.metrics, &c.metrics) {
+            series.record(metrics, entry);
+        }
         if log {
-            if let Err(e) = self.writer.write(entry) {
-                tracing::error!(tenant = %entry.tenant, "cannot write log entry: {e}");
+            match self.writer.write(entry) {
+                Ok(()) => self.lines_written(1),
+                Err(e) => tracing::error!(tenant = %entry.tenant, "cannot write log entry: {e}"),
             }
+        }
+    }
+
+    fn lines_written(&self, lines: u64) {
+        if let Some(metrics) = &self.metrics {
+            metrics.log_lines(lines);
         }
     }
 
@@ -93,7 +113,16 @@ impl Recorder {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(tenant.to_owned())
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(LiveCounters {
+                    allowed: AtomicU64::new(0),
+                    blocked: AtomicU64::new(0),
+                    errors: AtomicU64::new(0),
+                    bytes_sent: AtomicU64::new(0),
+                    bytes_received: AtomicU64::new(0),
+                    metrics: self.metrics.as_ref().map(|m| m.tenant(tenant)),
+                })
+            })
             .clone()
     }
 
@@ -150,8 +179,11 @@ impl Recorder {
             std::mem::take(&mut p.lines)
         });
         for (tenant, lines) in lines {
-            if let Err(e) = self.writer.append_lines(&tenant, lines.as_bytes()) {
-                tracing::error!(%tenant, "cannot write log entries: {e}");
+            match self.writer.append_lines(&tenant, lines.as_bytes()) {
+                Ok(()) => {
+                    self.lines_written(memchr::memchr_iter(b'\n', lines.as_bytes()).count() as u64)
+                }
+                Err(e) => tracing::error!(%tenant, "cannot write log entries: {e}"),
             }
         }
         let waiters = PENDING.with_borrow_mut(|p| {

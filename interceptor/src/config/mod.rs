@@ -247,6 +247,8 @@ pub struct InterceptorConfig {
     /// DNS forwards one tenant (or one User Worker) may have waiting at once;
     /// `None`: no limit.
     pub dns_max_in_flight_per_tenant: Option<usize>,
+    /// `metrics`: where Prometheus text is served at `/metrics`; `None`: not served.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for InterceptorConfig {
@@ -267,6 +269,7 @@ impl Default for InterceptorConfig {
             sandbox_limits: SandboxLimits::default(),
             dns_forwarders: None,
             dns_max_in_flight_per_tenant: Some(DEFAULT_DNS_MAX_IN_FLIGHT_PER_TENANT),
+            metrics: None,
         }
     }
 }

@@ -51,6 +51,7 @@ const INTERCEPTOR_KEYS: &[&str] = &[
     "sandbox_limits",
     "dns_forwarders",
     "dns_max_in_flight_per_tenant",
+    "metrics",
 ];
 const SANDBOX_LIMIT_KEYS: &[&str] = &["nofile", "nproc"];
 const TENANT_KEYS: &[&str] = &["outbound", "params"];
@@ -572,6 +573,23 @@ fn interceptor(ctx: &mut Ctx<'_>, t: &Tbl<'_>) -> InterceptorConfig {
             c.dns = a;
         }
     }
+    if let Some(f) = t.get("metrics") {
+        if let Some(a) = ctx.socket_addr(&f, false) {
+            let taken = [
+                (SocketAddr::from(c.relay), "the relay"),
+                (c.relay_v6().into(), "the IPv6 relay"),
+                (c.dns.into(), "the DNS server"),
+                (c.dns_v6().into(), "the IPv6 DNS server"),
+            ];
+            match taken.iter().find(|(b, _)| collides(a, *b)) {
+                Some((_, other)) => ctx.error(
+                    f.span(),
+                    format!("`metrics` address {a} is already used by {other}"),
+                ),
+                None => c.metrics = Some(a),
+            }
+        }
+    }
     if c.relay == c.dns {
         let span = t
             .get("dns")
@@ -876,6 +894,9 @@ fn namespaces(
         (ic.dns.into(), "the DNS server".into()),
         (ic.dns_v6().into(), "the IPv6 DNS server".into()),
     ];
+    if let Some(metrics) = ic.metrics {
+        listens.push((metrics, "the metrics listener".into()));
+    }
     let mut names = BTreeSet::new();
     for t in ctx.tables(f, "[[dispatch_namespaces]]") {
         ctx.check_keys(&t, NAMESPACE_KEYS);

@@ -752,3 +752,50 @@ fn sandbox_limits_are_checked_key_by_key() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn metrics_is_off_by_default_and_takes_an_address_and_port() {
+    assert_eq!(ok("").interceptor.metrics, None);
+    let c = ok("[interceptor]\nmetrics = \"127.0.0.1:9464\"\n");
+    assert_eq!(
+        c.interceptor.metrics,
+        Some("127.0.0.1:9464".parse().unwrap())
+    );
+    let c = ok("[interceptor]\nmetrics = \"[::1]:9464\"\n");
+    assert_eq!(c.interceptor.metrics, Some("[::1]:9464".parse().unwrap()));
+}
+
+#[test]
+fn a_bad_metrics_address_is_reported_where_it_is_written() {
+    let errs = errors("[interceptor]\nmetrics = \"localhost\"\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains(":2:11: `metrics`: \"localhost\" is not an address and port"),
+        "{errs:#?}"
+    );
+    let errs = errors("[interceptor]\nmetrics = \"127.0.0.1:0\"\n");
+    assert!(errs[0].contains(":2:11: `metrics`: port 0"), "{errs:#?}");
+    let errs = errors("[interceptor]\nmetrics = 9464\n");
+    assert!(
+        errs[0].contains(":2:11: `metrics` must be a string"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn metrics_cannot_share_a_port_with_the_relay_or_a_dispatcher() {
+    let errs = errors("[interceptor]\nrelay = \"127.0.0.1:15001\"\nmetrics = \"0.0.0.0:15001\"\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains(":3:11: `metrics` address 0.0.0.0:15001 is already used by the relay"),
+        "{errs:#?}"
+    );
+    let errs = errors(
+        "[interceptor]\nmetrics = \"127.0.0.1:9464\"\n[[dispatch_namespaces]]\nnamespace = \"n\"\nlisten = \"127.0.0.1:9464\"\nworkers = \"/tmp\"\n",
+    );
+    assert!(
+        errs.iter().any(|e| e
+            .contains("`listen` address 127.0.0.1:9464 is already used by the metrics listener")),
+        "{errs:#?}"
+    );
+}
