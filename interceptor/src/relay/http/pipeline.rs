@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderName, HeaderValue, HOST};
 use hyper::http::uri::PathAndQuery;
 use hyper::upgrade::OnUpgrade;
@@ -205,12 +205,12 @@ async fn choose_upstream(
 /// The request as the upstream gets it: origin-form, HTTP/1.1, no hop-by-hop
 /// headers or request context, the judged authority as its Host, the injected
 /// headers; and the client's side of a WebSocket, taken before it is passed on.
-fn upstream_request(
-    mut req: Request<Incoming>,
+fn upstream_request<B: Body>(
+    mut req: Request<B>,
     target: &RequestTarget,
     injected: Vec<(HeaderName, HeaderValue)>,
     sent: &Arc<AtomicU64>,
-) -> Result<(Request<Metered<Incoming>>, Option<OnUpgrade>), Refused> {
+) -> Result<(Request<Metered<B>>, Option<OnUpgrade>), Refused> {
     let client_upgrade =
         is_websocket_upgrade(req.version(), req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -257,4 +257,95 @@ async fn send(
         ));
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn policy(toml: &str) -> OutboundPolicy {
+        let cfg = crate::config::parse(toml, Path::new("/test/interceptor.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        OutboundPolicy::from_config(&cfg.outbound["e"]).unwrap()
+    }
+
+    fn target(uri: &str, host: &str) -> RequestTarget {
+        let req = Request::get(uri).header(HOST, host).body(()).unwrap();
+        let dialled = Dialled {
+            addr: "127.0.0.2:80".parse().unwrap(),
+            is_relay: false,
+        };
+        RequestTarget::of(&req, dialled).unwrap()
+    }
+
+    #[test]
+    fn connect_is_refused_whatever_its_host() {
+        assert_eq!(refuse_tunnel(&Method::CONNECT), Err(Refused::Connect));
+        assert_eq!(refuse_tunnel(&Method::GET), Ok(()));
+    }
+
+    #[test]
+    fn a_blocked_host_is_refused_by_the_rule_that_blocked_it() {
+        let policy = policy("[outbound.e]\nblock = [\"evil.test\"]\n");
+        let refused = judge(&policy, &target("/", "EVIL.test.")).unwrap_err();
+        assert_eq!(
+            refused,
+            Refused::Blocked {
+                rule: "block:evil.test".into()
+            }
+        );
+        assert_eq!(refused.status(), Some(StatusCode::FORBIDDEN));
+        // Control: another host is let through, by the rule that allowed it.
+        let allowed = judge(&policy, &target("/", "api.test")).unwrap();
+        assert_eq!(allowed.rule, "default:allow");
+    }
+
+    #[test]
+    fn a_credential_that_cannot_be_rendered_refuses_the_request_by_its_header() {
+        let policy = policy(
+            "[outbound.e]\n[[outbound.e.inject]]\nhost = \"api.test\"\nheader = \"X-Customer\"\nvalue = \"{customer}\"\n",
+        );
+        let refused = inject(&policy, "api.test", &Params::new()).unwrap_err();
+        assert_eq!(refused.rule(), "inject:x-customer");
+        assert_eq!(refused.status(), Some(StatusCode::BAD_GATEWAY));
+        // Control: with the parameter, the header is rendered; elsewhere, nothing.
+        let params = Params::from([("customer".to_string(), "acme".to_string())]);
+        let injected = inject(&policy, "api.test", &params).unwrap();
+        assert_eq!(
+            injected,
+            [(
+                HeaderName::from_static("x-customer"),
+                HeaderValue::from_static("acme")
+            )]
+        );
+        assert!(inject(&policy, "other.test", &Params::new())
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn the_upstream_gets_the_judged_authority_and_the_injections_never_the_context() {
+        let req = Request::get("http://api.test:8080/a?b=1")
+            .header(HOST, "evil.test")
+            .header(CONTEXT_HEADER, "token")
+            .header("connection", "keep-alive")
+            .header("authorization", "Bearer the-sandbox's")
+            .body(String::from("body"))
+            .unwrap();
+        let judged = target("http://api.test:8080/a?b=1", "evil.test");
+        let injected = vec![(
+            HeaderName::from_static("authorization"),
+            HeaderValue::from_static("Bearer injected"),
+        )];
+        let (sent_on, upgrade) = upstream_request(req, &judged, injected, &Arc::default()).unwrap();
+        assert!(upgrade.is_none());
+        assert_eq!(sent_on.uri(), "/a?b=1");
+        assert_eq!(sent_on.version(), Version::HTTP_11);
+        let headers = sent_on.headers();
+        assert_eq!(headers[HOST], "api.test:8080");
+        assert_eq!(headers["authorization"], "Bearer injected");
+        assert!(!headers.contains_key(CONTEXT_HEADER));
+        assert!(!headers.contains_key("connection"));
+    }
 }
