@@ -106,6 +106,13 @@ pub const MAX_CONCURRENT_REQUESTS: u32 = 100;
 /// requests, as an instance outlives its response by a moment.
 const POOL_SLOTS: u32 = MAX_CONCURRENT_REQUESTS + MAX_CONCURRENT_REQUESTS / 4;
 
+/// Bytes of a slot's linear memory (and tables) reset by `memset` when an
+/// instance ends, instead of being unmapped: the next request's instance finds
+/// them resident instead of taking a fault per page. Measured on the hello
+/// Workers: Rust 6.8k → 7.6k requests/s; JavaScript unchanged at 2 MiB and
+/// slower at 16 MiB (the memset then costs more than the faults it saves).
+const KEEP_RESIDENT: usize = 2 << 20;
+
 /// The one engine configuration, used by the daemon to precompile and by the
 /// Worker process to load: the component model, async, epoch interruption,
 /// Cranelift optimising for speed, and a pooling instance allocator (a fresh
@@ -123,7 +130,9 @@ pub fn engine() -> Result<Engine, WorkerError> {
         .total_memories(POOL_SLOTS * 2)
         .total_tables(POOL_SLOTS * 4)
         .total_stacks(POOL_SLOTS)
-        .max_unused_warm_slots(8);
+        .max_unused_warm_slots(8)
+        .linear_memory_keep_resident(KEEP_RESIDENT)
+        .table_keep_resident(KEEP_RESIDENT);
     engine_with(InstanceAllocationStrategy::Pooling(pool)).or_else(|e| {
         tracing::warn!("{e}; allocating Worker instances on demand instead");
         engine_with(InstanceAllocationStrategy::OnDemand)

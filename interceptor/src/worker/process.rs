@@ -56,7 +56,10 @@ fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         .map_err(|e| WorkerError::Load(format!("{e:#}")))?;
     drop(precompiled);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread: every fresh instance takes copy-on-write faults on its memory
+    // image, and in a process with threads on other CPUs each fault costs a
+    // TLB-shootdown IPI (a third of a JavaScript Worker's time, measured).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("worker")
         .build()
