@@ -119,10 +119,10 @@ async fn carry(
 /// Connections are intercepted without a proxy setting; a tunnel would carry
 /// requests the relay could no longer judge one by one.
 fn refuse_tunnel(method: &Method) -> Result<(), Refused> {
-    match *method == Method::CONNECT {
-        true => Err(Refused::Connect),
-        false => Ok(()),
+    if *method == Method::CONNECT {
+        return Err(Refused::Connect);
     }
+    Ok(())
 }
 
 /// The verified request context of a dispatched Worker's subrequest. Only a
