@@ -475,7 +475,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
 fn metrics_gauges(sandboxes: &SandboxRegistry, dispatchers: &Dispatchers) -> Gauges {
     let mut workers = sandboxes.worker_tenants();
     // One entry per sandbox: a Worker's tenant is counted once.
-    workers.sort_by_key(|t| Arc::as_ptr(t));
+    workers.sort_by_key(Arc::as_ptr);
     workers.dedup_by(|a, b| Arc::ptr_eq(a, b));
     Gauges {
         open_connections: sandboxes

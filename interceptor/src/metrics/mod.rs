@@ -292,8 +292,8 @@ mod tests {
         assert!(text.contains(r#"interceptor_request_duration_seconds_count{tenant="acme"} 4"#));
         assert!(
             text.contains(
-                r#"interceptor_request_duration_seconds_bucket{le="0.025",tenant="acme"} 4"#
-            ) || text.contains(
+                r#"interceptor_request_duration_seconds_bucket{tenant="acme",le="0.01"} 0"#
+            ) && text.contains(
                 r#"interceptor_request_duration_seconds_bucket{tenant="acme",le="0.025"} 4"#
             ),
             "{text}"
