@@ -113,11 +113,13 @@ impl Daemon {
         let config = dir.path().join("interceptor.toml");
         let log_dir = dir.path().join("logs");
         let admin_socket = dir.path().join("run/admin.sock");
+        // The compile cache too is the test's own (`state_dir`).
         let text = format!(
             "[interceptor]\nrelay = \"127.0.0.1:{relay_port}\"\ndns = \"127.0.0.1:{dns_port}\"\n\
-             admin_socket = \"{}\"\nlog_dir = \"{}\"\ncgroup = \"{cgroup_name}\"\nsandbox_user = \"nobody\"\n{}\n\n{}",
+             admin_socket = \"{}\"\nlog_dir = \"{}\"\nstate_dir = \"{}\"\ncgroup = \"{cgroup_name}\"\nsandbox_user = \"nobody\"\n{}\n\n{}",
             admin_socket.display(),
             log_dir.display(),
+            dir.path().join("state").display(),
             interceptor_extra.replace("{dir}", &dir.path().display().to_string()),
             rest.replace("{dir}", &dir.path().display().to_string()),
         );

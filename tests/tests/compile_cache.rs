@@ -1,0 +1,323 @@
+//! The on-disk compile cache of User Worker components, end to end: a real
+//! daemon with a dispatch namespace, the example Workers
+//! (`target/workers/NAME.wasm`, built by `cargo xtask test`), restarted on the
+//! same config, so its `<state_dir>/compiled/` (the test's own) outlives it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use interceptor_tests::*;
+
+const LOADED: &str = "loaded precompiled component from cache";
+const COMPILED: &str = "compiled Worker component";
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/workers")
+        .join(format!("{name}.wasm"))
+}
+
+/// Root, and the example Workers built (else skipped, unless
+/// `INTERCEPTOR_REQUIRE_PRIVILEGED=1`).
+fn ready(test: &str, workers: &[&str]) -> bool {
+    if !privileged(test) {
+        return false;
+    }
+    let missing: Vec<&str> = workers
+        .iter()
+        .copied()
+        .filter(|w| !example(w).exists())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let message = format!("{test}: the example Workers {missing:?} are not built in target/workers (`cargo xtask test` builds them)");
+    if std::env::var("INTERCEPTOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{message}");
+    }
+    eprintln!("skipping {message}");
+    false
+}
+
+struct Dispatch {
+    d: Daemon,
+    port: u16,
+    workers: PathBuf,
+}
+
+impl Dispatch {
+    fn start() -> Dispatch {
+        let port = free_port();
+        let d = Daemon::start(&format!(
+            r#"
+[[dispatch_namespaces]]
+binding = "dispatcher"
+namespace = "customers"
+listen = "127.0.0.1:{port}"
+workers = "{{dir}}/workers"
+
+[outbound.egress]
+default = "block"
+"#
+        ));
+        let workers = d.dir.path().join("workers");
+        std::fs::create_dir_all(&workers).unwrap();
+        Dispatch { d, port, workers }
+    }
+
+    fn install(&self, example_name: &str, name: &str) {
+        let tmp = self.workers.join(format!(".{name}.wasm.tmp"));
+        std::fs::copy(example(example_name), &tmp).unwrap();
+        std::fs::rename(&tmp, self.workers.join(format!("{name}.wasm"))).unwrap();
+    }
+
+    fn cache_dir(&self) -> PathBuf {
+        self.d.dir.path().join("state/compiled")
+    }
+
+    /// The cache's entries (not temporary files).
+    fn entries(&self) -> Vec<PathBuf> {
+        let Ok(dir) = std::fs::read_dir(self.cache_dir()) else {
+            return Vec::new();
+        };
+        dir.filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect()
+    }
+
+    /// Stops the daemon (SIGTERM) and starts it again on the same config.
+    fn restart(&mut self) {
+        self.d.stop_with(libc::SIGTERM);
+        self.d.spawn();
+    }
+
+    /// Status and body of `GET /` to `host`.
+    fn get(&self, host: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        write!(
+            stream,
+            "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {text:?}"));
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The time the first request to Worker `name` takes to be answered by
+    /// it (`fetch` without a URL answers 400 itself).
+    fn first_request(&self, name: &str) -> Duration {
+        let started = Instant::now();
+        let (status, body) = self.get(&format!("{name}.example.com"));
+        let took = started.elapsed();
+        let expected = if name == "fetch" { 400 } else { 200 };
+        assert_eq!(status, expected, "{body}");
+        took
+    }
+
+    fn stderr_has(&self, text: &str) -> bool {
+        self.d.daemon_stderr().contains(text)
+    }
+}
+
+fn eventually(limit: Duration, mut pred: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if pred() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    pred()
+}
+
+#[test]
+fn a_restarted_daemon_serves_a_worker_from_the_cache_without_compiling_it() {
+    if !ready(
+        "a_restarted_daemon_serves_a_worker_from_the_cache_without_compiling_it",
+        &["hello", "fetch"],
+    ) {
+        return;
+    }
+    let mut t = Dispatch::start();
+    t.install("hello", "hello");
+    t.install("fetch", "fetch");
+    assert_eq!(t.get("hello.example.com").0, 200);
+    t.first_request("fetch");
+    assert!(t.stderr_has(COMPILED), "the first daemon compiled");
+    assert!(!t.stderr_has(LOADED), "nothing was cached yet");
+    assert!(
+        eventually(Duration::from_secs(5), || t.entries().len() == 2),
+        "one entry per component: {:?}",
+        t.entries()
+    );
+
+    // Control: with the cache emptied, a restart compiles again (cold).
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for name in ["hello", "fetch"] {
+        // Stopped first: a daemon still compiling in the background would
+        // write an entry after the removal.
+        t.d.stop_with(libc::SIGTERM);
+        for entry in t.entries() {
+            std::fs::remove_file(entry).unwrap();
+        }
+        t.d.spawn();
+        cold.push((name, t.first_request(name)));
+        assert!(t.stderr_has(COMPILED), "an empty cache compiles");
+        assert!(!t.stderr_has(LOADED));
+    }
+    assert!(eventually(Duration::from_secs(5), || t.entries().len() == 2));
+
+    // Warm: the same components are loaded, not compiled.
+    for name in ["hello", "fetch"] {
+        t.restart();
+        warm.push((name, t.first_request(name)));
+        let stderr = t.d.daemon_stderr();
+        assert!(stderr.contains(LOADED), "{stderr}");
+        assert!(
+            !stderr.contains(COMPILED),
+            "a restart with a warm cache compiled: {stderr}"
+        );
+    }
+    for ((name, cold), (_, warm)) in cold.iter().zip(&warm) {
+        eprintln!(
+            "first request to {name} after a restart: {:.1} ms with an empty compile cache, {:.1} ms with a warm one",
+            cold.as_secs_f64() * 1e3,
+            warm.as_secs_f64() * 1e3
+        );
+        assert!(
+            warm < cold,
+            "{name}: warm {warm:?} not faster than cold {cold:?}"
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_cache_entry_is_compiled_again_and_replaced() {
+    if !ready(
+        "a_corrupt_cache_entry_is_compiled_again_and_replaced",
+        &["hello"],
+    ) {
+        return;
+    }
+    let mut t = Dispatch::start();
+    t.install("hello", "hello");
+    assert_eq!(t.get("hello.example.com").0, 200);
+    assert!(eventually(Duration::from_secs(5), || t.entries().len() == 1));
+    let entry = t.entries().remove(0);
+    let good = std::fs::read(&entry).unwrap();
+
+    // One flipped byte in the middle of the machine code.
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&entry, &bad).unwrap();
+    t.restart();
+    let (status, body) = t.get("hello.example.com");
+    assert_eq!(status, 200, "{body}");
+    let stderr = t.d.daemon_stderr();
+    assert!(stderr.contains("checksum mismatch"), "{stderr}");
+    assert!(stderr.contains(COMPILED), "{stderr}");
+    assert!(!stderr.contains(LOADED), "{stderr}");
+    assert!(eventually(Duration::from_secs(5), || std::fs::read(&entry)
+        .is_ok_and(|now| now != bad)));
+
+    // Truncated: the same.
+    let whole = std::fs::read(&entry).unwrap();
+    std::fs::write(&entry, &whole[..whole.len() / 3]).unwrap();
+    t.restart();
+    assert_eq!(t.get("hello.example.com").0, 200);
+    assert!(t.stderr_has("truncated"), "{}", t.d.daemon_stderr());
+    assert!(t.stderr_has(COMPILED));
+
+    // The replacement is sound: the next restart loads it.
+    assert!(eventually(Duration::from_secs(5), || std::fs::metadata(
+        &entry
+    )
+    .is_ok_and(|m| m.len() == whole.len() as u64)));
+    t.restart();
+    assert_eq!(t.get("hello.example.com").0, 200);
+    assert!(t.stderr_has(LOADED), "{}", t.d.daemon_stderr());
+    assert!(!t.stderr_has(COMPILED));
+}
+
+#[test]
+fn the_cache_directory_is_root_only_and_its_files_are_0600() {
+    if !ready(
+        "the_cache_directory_is_root_only_and_its_files_are_0600",
+        &["hello"],
+    ) {
+        return;
+    }
+    let t = Dispatch::start();
+    let dir = std::fs::metadata(t.cache_dir()).expect("created at start");
+    assert!(dir.is_dir());
+    assert_eq!(dir.uid(), 0);
+    assert_eq!(dir.mode() & 0o7777, 0o700);
+    t.install("hello", "hello");
+    assert_eq!(t.get("hello.example.com").0, 200);
+    assert!(eventually(Duration::from_secs(5), || t.entries().len() == 1));
+    for entry in t.entries() {
+        let meta = std::fs::metadata(&entry).unwrap();
+        assert_eq!(meta.uid(), 0, "{}", entry.display());
+        assert_eq!(meta.mode() & 0o7777, 0o600, "{}", entry.display());
+    }
+    // The sandbox user cannot even list it.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "ls"])
+        .arg(t.cache_dir())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "nobody listed the cache: {}",
+        text(&out)
+    );
+    // Control: root can.
+    assert!(std::fs::read_dir(t.cache_dir()).is_ok());
+}
+
+#[test]
+fn a_cache_directory_others_can_write_is_not_used_and_workers_still_run() {
+    if !ready(
+        "a_cache_directory_others_can_write_is_not_used_and_workers_still_run",
+        &["hello"],
+    ) {
+        return;
+    }
+    let mut t = Dispatch::start();
+    std::fs::set_permissions(
+        t.cache_dir(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    t.restart();
+    assert!(
+        t.stderr_has("others may have written its files"),
+        "{}",
+        t.d.daemon_stderr()
+    );
+    t.install("hello", "hello");
+    assert_eq!(t.get("hello.example.com").0, 200);
+    thread::sleep(Duration::from_millis(200));
+    assert!(t.entries().is_empty(), "wrote to an untrusted directory");
+}
