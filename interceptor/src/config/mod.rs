@@ -175,10 +175,14 @@ impl Config {
                 Some((bounds.next()?.ok()?, bounds.next()?.ok()?))
             });
         if let Some((low, high)) = range {
+            let metrics = self.interceptor.metrics.map(|a| ("metrics", a.port()));
             for (what, port) in [
                 ("relay", self.interceptor.relay.port()),
                 ("dns", self.interceptor.dns.port()),
-            ] {
+            ]
+            .into_iter()
+            .chain(metrics)
+            {
                 if (low..=high).contains(&port) {
                     warnings.push(format!(
                         "`{what}` port {port} is in the kernel's ephemeral range {low}-{high} (net.ipv4.ip_local_port_range): a sandbox could be handed it while the daemon is down; pick one below {low}"

@@ -582,6 +582,13 @@ fn a_listener_port_the_kernel_may_hand_out_is_warned_about() {
     assert!(ok("[interceptor]\nrelay = \"127.0.0.1:15001\"\n")
         .host_warnings()
         .is_empty());
+    let c = ok(&format!("[interceptor]\nmetrics = \"127.0.0.1:{low}\"\n"));
+    let warnings = c.host_warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("`metrics` port"), "{warnings:?}");
+    assert!(ok("[interceptor]\nmetrics = \"127.0.0.1:9464\"\n")
+        .host_warnings()
+        .is_empty());
 }
 
 #[test]
