@@ -223,7 +223,6 @@ pub(super) fn json(status: StatusCode, body: serde_json::Value) -> Response<Rela
 }
 
 #[cfg(test)]
-#[cfg(test)]
 mod tests {
     use super::*;
     use hyper::Request;
