@@ -321,3 +321,42 @@ fn a_cache_directory_others_can_write_is_not_used_and_workers_still_run() {
     thread::sleep(Duration::from_millis(200));
     assert!(t.entries().is_empty(), "wrote to an untrusted directory");
 }
+
+/// A measurement, not a check of behaviour: the first request to a JavaScript
+/// Worker (componentize-js) after a restart, with the cache empty and warm.
+/// Runs only with `INTERCEPTOR_JS_WORKER=PATH.wasm` (a component answering
+/// `GET /` with 200): compiling one takes minutes in a debug build.
+#[test]
+fn measure_the_first_request_to_a_js_worker_after_a_restart() {
+    let Ok(js) = std::env::var("INTERCEPTOR_JS_WORKER") else {
+        eprintln!("skipping: INTERCEPTOR_JS_WORKER is not set");
+        return;
+    };
+    if !privileged("measure_the_first_request_to_a_js_worker_after_a_restart") {
+        return;
+    }
+    let mut t = Dispatch::start();
+    std::fs::copy(&js, t.workers.join("js.wasm")).unwrap();
+    t.d.stop_with(libc::SIGTERM);
+    for entry in t.entries() {
+        std::fs::remove_file(entry).unwrap();
+    }
+    t.d.spawn();
+    let cold = t.first_request("js");
+    assert!(eventually(Duration::from_secs(5), || t.entries().len() == 1));
+    let mut warm = Vec::new();
+    for _ in 0..5 {
+        t.restart();
+        warm.push(t.first_request("js"));
+        assert!(t.stderr_has(LOADED) && !t.stderr_has(COMPILED));
+    }
+    warm.sort();
+    eprintln!(
+        "first request to the JS Worker after a restart: {:.0} ms with an empty compile cache; \
+         with a warm one {:.1} ms median of 5 ({:.1} - {:.1})",
+        cold.as_secs_f64() * 1e3,
+        warm[2].as_secs_f64() * 1e3,
+        warm[0].as_secs_f64() * 1e3,
+        warm[4].as_secs_f64() * 1e3
+    );
+}
