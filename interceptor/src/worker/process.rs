@@ -50,8 +50,10 @@ fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     // SAFETY: `Component::deserialize` trusts its input to be an artifact of
     // `precompile` for this very engine configuration (it maps it as code).
     // It is: the daemon, not the sandbox, compiled it with `super::engine()`
-    // and handed it over in a sealed memfd; wasmtime still checks that the
-    // artifact's engine configuration and version match before using it.
+    // (now, or in an earlier run and kept in its root-only, checksummed compile
+    // cache: `crate::wasm::cache`) and handed it over in a sealed memfd;
+    // wasmtime still checks that the artifact's engine configuration and
+    // version match before using it.
     let component = unsafe { Component::deserialize(&engine, &precompiled) }
         .map_err(|e| WorkerError::Load(format!("{e:#}")))?;
     drop(precompiled);
