@@ -100,7 +100,7 @@ default = "block"
     fn get(&self, host: &str) -> (u16, String) {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
+            .set_read_timeout(Some(Duration::from_secs(600)))
             .unwrap();
         write!(
             stream,
