@@ -29,3 +29,36 @@ pub async fn accept_until(
         }
     }
 }
+
+/// Serves one HTTP/1 connection of a daemon listener (dispatchers, metrics)
+/// with `service`: heads must arrive within `header_timeout`; on `shutdown`
+/// the request in flight finishes and the connection closes.
+pub async fn serve_http1<S, B>(
+    stream: TcpStream,
+    service: S,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+    what: &str,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!("{what} connection: {e}");
+            }
+        }
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -52,6 +52,38 @@ pub fn cgroup2_mount() -> PathBuf {
     interceptor::ebpf::cgroup2_mount().expect("a cgroup v2 mount")
 }
 
+/// An example Worker, as `cargo xtask test` builds them into `target/workers`.
+pub fn example_worker(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/workers")
+        .join(format!("{name}.wasm"))
+}
+
+/// Whether a Worker test can run: root, and the example Workers it needs are
+/// built. Missing Workers skip it, unless `INTERCEPTOR_REQUIRE_PRIVILEGED=1`.
+pub fn workers_ready(test: &str, workers: &[&str]) -> bool {
+    if !privileged(test) {
+        return false;
+    }
+    let missing: Vec<&str> = workers
+        .iter()
+        .copied()
+        .filter(|w| !example_worker(w).exists())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let message = format!(
+        "{test}: the example Workers {missing:?} are not built in target/workers \
+         (`cargo xtask test` builds them)"
+    );
+    if std::env::var("INTERCEPTOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{message}");
+    }
+    eprintln!("skipping {message}");
+    false
+}
+
 /// A TCP port free on 127.0.0.1 and ::1, for TCP and UDP alike.
 pub fn free_port() -> u16 {
     loop {

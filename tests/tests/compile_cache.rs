@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,34 +14,6 @@ use interceptor_tests::*;
 
 const LOADED: &str = "loaded precompiled component from cache";
 const COMPILED: &str = "compiled Worker component";
-
-fn example(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/workers")
-        .join(format!("{name}.wasm"))
-}
-
-/// Root, and the example Workers built (else skipped, unless
-/// `INTERCEPTOR_REQUIRE_PRIVILEGED=1`).
-fn ready(test: &str, workers: &[&str]) -> bool {
-    if !privileged(test) {
-        return false;
-    }
-    let missing: Vec<&str> = workers
-        .iter()
-        .copied()
-        .filter(|w| !example(w).exists())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let message = format!("{test}: the example Workers {missing:?} are not built in target/workers (`cargo xtask test` builds them)");
-    if std::env::var("INTERCEPTOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{message}");
-    }
-    eprintln!("skipping {message}");
-    false
-}
 
 struct Dispatch {
     d: Daemon,
@@ -71,7 +43,7 @@ default = "block"
 
     fn install(&self, example_name: &str, name: &str) {
         let tmp = self.workers.join(format!(".{name}.wasm.tmp"));
-        std::fs::copy(example(example_name), &tmp).unwrap();
+        std::fs::copy(example_worker(example_name), &tmp).unwrap();
         std::fs::rename(&tmp, self.workers.join(format!("{name}.wasm"))).unwrap();
     }
 
@@ -151,7 +123,7 @@ fn eventually(limit: Duration, mut pred: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn a_restarted_daemon_serves_a_worker_from_the_cache_without_compiling_it() {
-    if !ready(
+    if !workers_ready(
         "a_restarted_daemon_serves_a_worker_from_the_cache_without_compiling_it",
         &["hello", "fetch"],
     ) {
@@ -213,7 +185,7 @@ fn a_restarted_daemon_serves_a_worker_from_the_cache_without_compiling_it() {
 
 #[test]
 fn a_corrupt_cache_entry_is_compiled_again_and_replaced() {
-    if !ready(
+    if !workers_ready(
         "a_corrupt_cache_entry_is_compiled_again_and_replaced",
         &["hello"],
     ) {
@@ -262,7 +234,7 @@ fn a_corrupt_cache_entry_is_compiled_again_and_replaced() {
 
 #[test]
 fn the_cache_directory_is_root_only_and_its_files_are_0600() {
-    if !ready(
+    if !workers_ready(
         "the_cache_directory_is_root_only_and_its_files_are_0600",
         &["hello"],
     ) {
@@ -298,7 +270,7 @@ fn the_cache_directory_is_root_only_and_its_files_are_0600() {
 
 #[test]
 fn a_cache_directory_others_can_write_is_not_used_and_workers_still_run() {
-    if !ready(
+    if !workers_ready(
         "a_cache_directory_others_can_write_is_not_used_and_workers_still_run",
         &["hello"],
     ) {

@@ -14,38 +14,6 @@ use serde_json::Value;
 
 const JWT_KEY: &str = "dispatch-test-secret-for-hs256";
 
-/// The example Workers, as `cargo xtask test` builds them.
-fn example(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/workers")
-        .join(format!("{name}.wasm"))
-}
-
-/// Whether the test can run: root, and the example Workers it needs are built.
-/// Missing Workers skip it, unless `INTERCEPTOR_REQUIRE_PRIVILEGED=1`.
-fn ready(test: &str, workers: &[&str]) -> bool {
-    if !privileged(test) {
-        return false;
-    }
-    let missing: Vec<&str> = workers
-        .iter()
-        .copied()
-        .filter(|w| !example(w).exists())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let message = format!(
-        "{test}: the example Workers {missing:?} are not built in target/workers \
-         (`cargo xtask test` builds them)"
-    );
-    if std::env::var("INTERCEPTOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{message}");
-    }
-    eprintln!("skipping {message}");
-    false
-}
-
 /// `namespace_extra`: more lines for the namespace's table.
 fn config(port: u16, limits: &str, namespace_extra: &str) -> String {
     format!(
@@ -108,7 +76,7 @@ impl Dispatch {
     /// Puts example Worker `example` in place as `name` (atomically, by rename).
     fn install(&self, example_name: &str, name: &str) {
         let tmp = self.workers.join(format!(".{name}.wasm.tmp"));
-        std::fs::copy(example(example_name), &tmp).unwrap();
+        std::fs::copy(example_worker(example_name), &tmp).unwrap();
         std::fs::rename(&tmp, self.workers.join(format!("{name}.wasm"))).unwrap();
     }
 
@@ -253,7 +221,7 @@ fn claims_of(authorization: &str) -> Value {
 
 #[test]
 fn a_worker_answers_for_its_subdomain_and_unknown_names_are_404() {
-    if !ready(
+    if !workers_ready(
         "a_worker_answers_for_its_subdomain_and_unknown_names_are_404",
         &["hello"],
     ) {
@@ -299,7 +267,7 @@ fn a_worker_answers_for_its_subdomain_and_unknown_names_are_404() {
 
 #[test]
 fn a_worker_over_its_cpu_limit_gets_500_and_others_keep_answering() {
-    if !ready(
+    if !workers_ready(
         "a_worker_over_its_cpu_limit_gets_500_and_others_keep_answering",
         &["hello", "spin"],
     ) {
@@ -355,7 +323,7 @@ fn a_worker_over_its_cpu_limit_gets_500_and_others_keep_answering() {
 
 #[test]
 fn a_worker_over_its_memory_limit_gets_500() {
-    if !ready("a_worker_over_its_memory_limit_gets_500", &["hog"]) {
+    if !workers_ready("a_worker_over_its_memory_limit_gets_500", &["hog"]) {
         return;
     }
     let t = Dispatch::start("cpu_ms = 5000, memory_mb = 32, subrequests = 5");
@@ -376,7 +344,7 @@ fn a_worker_over_its_memory_limit_gets_500() {
 
 #[test]
 fn adding_replacing_and_removing_a_worker_needs_no_restart() {
-    if !ready(
+    if !workers_ready(
         "adding_replacing_and_removing_a_worker_needs_no_restart",
         &["hello", "fetch"],
     ) {
@@ -415,7 +383,7 @@ fn adding_replacing_and_removing_a_worker_needs_no_restart() {
     assert_ne!(first, second);
 
     // Overwritten in place with the first component again (cached, no recompile).
-    std::fs::copy(example("hello"), t.workers.join("fresh.wasm")).unwrap();
+    std::fs::copy(example_worker("hello"), t.workers.join("fresh.wasm")).unwrap();
     let r = t.get("fresh.example.com", "/");
     assert_eq!(
         (r.status, r.body.as_str()),
@@ -454,7 +422,7 @@ fn adding_replacing_and_removing_a_worker_needs_no_restart() {
 
 #[test]
 fn a_killed_worker_process_is_restarted() {
-    if !ready("a_killed_worker_process_is_restarted", &["hello"]) {
+    if !workers_ready("a_killed_worker_process_is_restarted", &["hello"]) {
         return;
     }
     let t = Dispatch::start("cpu_ms = 1000, memory_mb = 64, subrequests = 5");
@@ -480,7 +448,7 @@ fn a_killed_worker_process_is_restarted() {
 
 #[test]
 fn an_idle_worker_process_is_stopped_and_the_next_request_starts_one() {
-    if !ready(
+    if !workers_ready(
         "an_idle_worker_process_is_stopped_and_the_next_request_starts_one",
         &["hello", "spin"],
     ) {
@@ -524,7 +492,7 @@ fn an_idle_worker_process_is_stopped_and_the_next_request_starts_one() {
 
 #[test]
 fn requests_in_flight_when_the_process_dies_get_500() {
-    if !ready(
+    if !workers_ready(
         "requests_in_flight_when_the_process_dies_get_500",
         &["spin"],
     ) {
@@ -556,7 +524,7 @@ fn requests_in_flight_when_the_process_dies_get_500() {
 
 #[test]
 fn the_worker_process_is_sandboxed() {
-    if !ready("the_worker_process_is_sandboxed", &["hello"]) {
+    if !workers_ready("the_worker_process_is_sandboxed", &["hello"]) {
         return;
     }
     let t = Dispatch::start("cpu_ms = 1000, memory_mb = 64, subrequests = 5");
@@ -673,7 +641,7 @@ fn the_worker_process_is_sandboxed() {
 
 #[test]
 fn status_lists_the_worker_processes() {
-    if !ready("status_lists_the_worker_processes", &["hello"]) {
+    if !workers_ready("status_lists_the_worker_processes", &["hello"]) {
         return;
     }
     let t = Dispatch::start("cpu_ms = 1000, memory_mb = 64, subrequests = 5");
@@ -713,7 +681,7 @@ fn status_lists_the_worker_processes() {
 
 #[test]
 fn shutdown_finishes_in_flight_requests_then_stops_the_workers() {
-    if !ready(
+    if !workers_ready(
         "shutdown_finishes_in_flight_requests_then_stops_the_workers",
         &["hello", "spin"],
     ) {
@@ -740,7 +708,7 @@ fn shutdown_finishes_in_flight_requests_then_stops_the_workers() {
 
 #[test]
 fn workers_do_not_outlive_a_crashed_daemon() {
-    if !ready("workers_do_not_outlive_a_crashed_daemon", &["hello"]) {
+    if !workers_ready("workers_do_not_outlive_a_crashed_daemon", &["hello"]) {
         return;
     }
     let mut t = Dispatch::start("cpu_ms = 1000, memory_mb = 64, subrequests = 5");
@@ -766,7 +734,7 @@ fn workers_do_not_outlive_a_crashed_daemon() {
 
 #[test]
 fn a_workers_subrequest_carries_a_jwt_for_its_customer_and_is_logged() {
-    if !ready(
+    if !workers_ready(
         "a_workers_subrequest_carries_a_jwt_for_its_customer_and_is_logged",
         &["fetch"],
     ) {
@@ -836,7 +804,7 @@ fn a_workers_subrequest_carries_a_jwt_for_its_customer_and_is_logged() {
 
 #[test]
 fn concurrent_requests_each_log_their_own_url() {
-    if !ready("concurrent_requests_each_log_their_own_url", &["fetch"]) {
+    if !workers_ready("concurrent_requests_each_log_their_own_url", &["fetch"]) {
         return;
     }
     let api = Upstream::start("127.0.0.2:0");
@@ -883,7 +851,7 @@ fn concurrent_requests_each_log_their_own_url() {
 
 #[test]
 fn subrequests_beyond_the_limit_are_blocked() {
-    if !ready("subrequests_beyond_the_limit_are_blocked", &["fetch"]) {
+    if !workers_ready("subrequests_beyond_the_limit_are_blocked", &["fetch"]) {
         return;
     }
     let api = Upstream::start("127.0.0.2:0");
@@ -908,7 +876,7 @@ fn subrequests_beyond_the_limit_are_blocked() {
 
 #[test]
 fn https_subrequests_are_seen_in_the_clear_and_originated_by_the_relay() {
-    if !ready(
+    if !workers_ready(
         "https_subrequests_are_seen_in_the_clear_and_originated_by_the_relay",
         &["fetch"],
     ) {

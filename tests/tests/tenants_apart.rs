@@ -362,13 +362,6 @@ fn sandbox_limits_are_the_rlimits_inside() {
     assert_ne!(code, 0, "{err}");
 }
 
-/// The example Workers, as `cargo xtask test` builds them.
-fn example(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/workers")
-        .join(format!("{name}.wasm"))
-}
-
 fn get(port: u16, host: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -399,7 +392,7 @@ fn a_worker_process_runs_as_a_uid_of_its_own_in_its_own_ipc_namespace() {
     if !privileged("a_worker_process_runs_as_a_uid_of_its_own_in_its_own_ipc_namespace") {
         return;
     }
-    if !example("hello").exists() {
+    if !example_worker("hello").exists() {
         let message = "the example Worker hello is not built (`cargo xtask test` builds it)";
         if std::env::var("INTERCEPTOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
             panic!("{message}");
@@ -419,7 +412,7 @@ fn a_worker_process_runs_as_a_uid_of_its_own_in_its_own_ipc_namespace() {
     );
     let workers = d.dir.path().join("workers");
     std::fs::create_dir_all(&workers).unwrap();
-    std::fs::copy(example("hello"), workers.join("hello.wasm")).unwrap();
+    std::fs::copy(example_worker("hello"), workers.join("hello.wasm")).unwrap();
 
     let worker_pid = |d: &Daemon| -> u32 {
         let reply = get(port, "hello.example.com");

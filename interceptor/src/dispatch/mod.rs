@@ -37,10 +37,8 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, Version};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -302,22 +300,7 @@ async fn serve_connection(stream: TcpStream, ns: Arc<Namespace>, shutdown: Cance
         let ns = ns.clone();
         async move { Ok::<_, Infallible>(ns.handle(req).await) }
     });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!("dispatcher connection: {e}");
-            }
-        }
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
+    crate::accept::serve_http1(stream, service, HEADER_TIMEOUT, shutdown, "dispatcher").await;
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
