@@ -613,6 +613,7 @@ pub fn icpt_sockcreate(ctx: SockContext) -> i32 {
         if let Some(held) = TENANT_SOCKETS.get_ptr_mut(&stale) {
             add(held, -1);
         }
+        let _ = SANDBOX_SOCKETS.remove(&sk);
     }
     if !charge_tenant(tenant, cfg.sockets_per_tenant) {
         count(Counter::CallsRefused);
