@@ -347,10 +347,9 @@ mod tests {
         r.to_vec().unwrap()
     }
 
-    /// A resolver on loopback that, for each query, first sends a reply under
-    /// another id and one for another question, then the real one.
-    #[tokio::test]
-    async fn replies_are_matched_by_id_and_question_and_strays_are_dropped() {
+    /// A resolver on loopback answering each query with a reply to each of the
+    /// messages `answers` makes of it, in order.
+    async fn resolver(answers: fn(&Message) -> Vec<Message>) -> SocketAddr {
         let udp = UdpSocket::bind("127.0.0.2:0").await.unwrap();
         let server = udp.local_addr().unwrap();
         tokio::spawn(async move {
@@ -358,15 +357,26 @@ mod tests {
             loop {
                 let (n, from) = udp.recv_from(&mut buf).await.unwrap();
                 let query = Message::from_vec(&buf[..n]).unwrap();
-                let mut wrong_id = query.clone();
-                wrong_id.set_id(query.id().wrapping_add(1));
-                udp.send_to(&reply(&wrong_id), from).await.unwrap();
-                let mut wrong_question = query.clone();
-                wrong_question.queries_mut()[0].set_name(Name::from_str("evil.test.").unwrap());
-                udp.send_to(&reply(&wrong_question), from).await.unwrap();
-                udp.send_to(&reply(&query), from).await.unwrap();
+                for answer in answers(&query) {
+                    udp.send_to(&reply(&answer), from).await.unwrap();
+                }
             }
         });
+        server
+    }
+
+    /// A resolver that, for each query, first sends a reply under another id
+    /// and one for another question, then the real one.
+    #[tokio::test]
+    async fn replies_are_matched_by_id_and_question_and_strays_are_dropped() {
+        let server = resolver(|query| {
+            let mut wrong_id = query.clone();
+            wrong_id.set_id(query.id().wrapping_add(1));
+            let mut wrong_question = query.clone();
+            wrong_question.queries_mut()[0].set_name(Name::from_str("evil.test.").unwrap());
+            vec![wrong_id, wrong_question, query.clone()]
+        })
+        .await;
         let forwarder = Arc::new(Forwarder::new(vec![server]));
         let (m, q) = request("api.test.");
         // All waiting at once, on the same sockets.
@@ -399,16 +409,7 @@ mod tests {
     /// after the runtime that forwarded first is gone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_sockets_outlive_the_runtime_that_forwarded_first() {
-        let udp = UdpSocket::bind("127.0.0.2:0").await.unwrap();
-        let server = udp.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            loop {
-                let (n, from) = udp.recv_from(&mut buf).await.unwrap();
-                let query = Message::from_vec(&buf[..n]).unwrap();
-                udp.send_to(&reply(&query), from).await.unwrap();
-            }
-        });
+        let server = resolver(|query| vec![query.clone()]).await;
         let forwarder = Arc::new(Forwarder::new(vec![server]));
         let (m, q) = request("api.test.");
         let first = {

@@ -14,20 +14,33 @@ const MOUNTS: &str = "/proc/self/mounts";
 /// `/proc/self/mounts`: `/sys/fs/cgroup` on most hosts, `/sys/fs/cgroup/unified`
 /// on hybrid layouts.
 pub fn cgroup2_mount() -> Result<PathBuf, EbpfError> {
-    let mounts = fs::read_to_string(MOUNTS).map_err(|source| EbpfError::Mounts {
+    parse_cgroup2_mount(&read_mounts()?).ok_or(EbpfError::NoCgroup2)
+}
+
+/// Whether a filesystem of type `fstype` is mounted at `path`.
+pub(crate) fn is_mounted(path: &Path, fstype: &str) -> Result<bool, EbpfError> {
+    Ok(mount_points(&read_mounts()?, fstype).any(|target| target == path))
+}
+
+fn read_mounts() -> Result<String, EbpfError> {
+    fs::read_to_string(MOUNTS).map_err(|source| EbpfError::Mounts {
         path: PathBuf::from(MOUNTS),
         source,
-    })?;
-    parse_cgroup2_mount(&mounts).ok_or(EbpfError::NoCgroup2)
+    })
+}
+
+/// The mount points of type `fstype` in a `/proc/self/mounts` text, in order.
+fn mount_points<'a>(mounts: &'a str, fstype: &'a str) -> impl Iterator<Item = PathBuf> + 'a {
+    mounts.lines().filter_map(move |line| {
+        let mut fields = line.split_ascii_whitespace();
+        let (_source, target, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == fstype).then(|| PathBuf::from(unescape_mount_path(target)))
+    })
 }
 
 /// The first `cgroup2` mount point in a `/proc/self/mounts` text.
 pub(crate) fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_ascii_whitespace();
-        let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(target)))
-    })
+    mount_points(mounts, "cgroup2").next()
 }
 
 /// `/proc/self/mounts` writes space, tab, newline and backslash in paths as
@@ -84,6 +97,19 @@ mod tests {
             parse_cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
             None
         );
+    }
+
+    #[test]
+    fn finds_mount_points_by_type() {
+        let mounts = "bpf /sys/fs/bpf bpf rw 0 0\n\
+                      securityfs /sys/kernel/security securityfs rw 0 0\n\
+                      bpf /mnt/my\\040bpf bpf rw 0 0\n";
+        let bpf: Vec<PathBuf> = mount_points(mounts, "bpf").collect();
+        assert_eq!(
+            bpf,
+            [PathBuf::from("/sys/fs/bpf"), PathBuf::from("/mnt/my bpf")]
+        );
+        assert_eq!(mount_points(mounts, "cgroup2").count(), 0);
     }
 
     #[test]

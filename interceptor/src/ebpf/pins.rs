@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{sys, EbpfError};
+use super::{cgroup::is_mounted, sys, EbpfError};
 
 const BPFFS: &str = "/sys/fs/bpf";
 const ROOT: &str = "interceptor";
@@ -24,7 +24,7 @@ const SECURITYFS: &str = "/sys/kernel/security";
 /// mounted at `/sys/fs/bpf` if nothing is mounted there yet.
 pub(crate) fn subtree_dir(cgroup_mount: &Path, subtree: &Path) -> Result<PathBuf, EbpfError> {
     let bpffs = Path::new(BPFFS);
-    if !is_mount_of(bpffs, "bpf")? {
+    if !is_mounted(bpffs, "bpf")? {
         fs::create_dir_all(bpffs).map_err(|source| pin_error(bpffs, source))?;
         nix::mount::mount(
             Some("bpf"),
@@ -109,7 +109,7 @@ pub(crate) fn pinned_program(dir: &Path, name: &str) -> Option<u32> {
 /// programs load anywhere, but run only where it is active.
 pub(crate) fn bpf_lsm_active() -> io::Result<bool> {
     let securityfs = Path::new(SECURITYFS);
-    if !is_mount_of(securityfs, "securityfs").map_err(io::Error::other)? {
+    if !is_mounted(securityfs, "securityfs").map_err(io::Error::other)? {
         nix::mount::mount(
             Some("securityfs"),
             securityfs,
@@ -120,19 +120,6 @@ pub(crate) fn bpf_lsm_active() -> io::Result<bool> {
     }
     let list = fs::read_to_string(securityfs.join("lsm"))?;
     Ok(list.trim().split(',').any(|lsm| lsm == "bpf"))
-}
-
-fn is_mount_of(path: &Path, fstype: &str) -> Result<bool, EbpfError> {
-    const MOUNTS: &str = "/proc/self/mounts";
-    let mounts = fs::read_to_string(MOUNTS).map_err(|source| EbpfError::Mounts {
-        path: PathBuf::from(MOUNTS),
-        source,
-    })?;
-    Ok(mounts.lines().any(|line| {
-        let mut fields = line.split_ascii_whitespace();
-        let (_, target, kind) = (fields.next(), fields.next(), fields.next());
-        target.map(Path::new) == Some(path) && kind == Some(fstype)
-    }))
 }
 
 fn relative(cgroup_mount: &Path, subtree: &Path) -> PathBuf {
